@@ -1,0 +1,25 @@
+"""leanvlm: vision-language models whose language decoder spends little compute on vision tokens."""
+
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from leanvlm.config import IMAGE_TOKEN, LeanVLMConfig
+from leanvlm.decoders import DECODERS, ImageContext, KVCache
+from leanvlm.modeling import LeanVLMForConditionalGeneration, LeanVLMOutput
+from leanvlm.processing import LeanVLMProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(LeanVLMConfig.model_type, LeanVLMConfig, exist_ok=True)
+AutoModelForImageTextToText.register(LeanVLMConfig, LeanVLMForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "DECODERS",
+    "IMAGE_TOKEN",
+    "ImageContext",
+    "KVCache",
+    "LeanVLMConfig",
+    "LeanVLMForConditionalGeneration",
+    "LeanVLMOutput",
+    "LeanVLMProcessor",
+    "__version__",
+]

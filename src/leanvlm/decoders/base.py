@@ -1,0 +1,193 @@
+"""What every decoder policy shares: its interface, the image context, sequence assembly helpers, and the layer runner
+that drives the Hugging Face LLM's own decoder-layer submodules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from leanvlm.decoders.attention import apply_rope, attend, build_mask
+from leanvlm.decoders.cache import KVCache
+from leanvlm.llm import decoder_layers, sliding_window
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ImageContext:
+    """Images already turned into what a decoder consumes, so any number of prompts can reuse them.
+
+    `tokens` is stacked over images: vanilla holds the projected vision tokens (n_images, N, d); himix holds every
+    layer's vision keys and values (n_images, num_layers, 2, H_kv, N, head_dim).
+    """
+
+    decoder: str
+    tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> ImageContext:
+        """Select or repeat images, e.g. `ctx[[0, 0, 0]]` for three prompts about image 0."""
+        if isinstance(index, int):
+            index = [index]
+        return ImageContext(self.decoder, self.tokens[index])
+
+    def to(self, *args, **kwargs) -> ImageContext:
+        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs))
+
+
+@dataclass
+class VisionPrefix:
+    """Position-free keys/values placed in front of the text keys of every layer (HiMix's vision keys)."""
+
+    valid: torch.Tensor  # (B, P) bool
+    keys: torch.Tensor  # (num_layers, B, H_kv, P, head_dim)
+    values: torch.Tensor
+
+
+@dataclass
+class DecoderInputs:
+    """A batch laid out for the decoder layers: left-padded, with the policy's own positions and labels."""
+
+    inputs_embeds: torch.Tensor  # (B, T, d)
+    position_ids: torch.Tensor  # (B, T)
+    valid: torch.Tensor  # (B, T) bool, False for padding
+    labels: torch.Tensor | None = None  # (B, T), IGNORE_INDEX where no loss
+    prefix: VisionPrefix | None = None
+
+
+class DecoderPolicy(nn.Module):
+    """A way of running the language decoder over text and vision tokens. Subclasses own their trainable
+    vision-side modules (as submodules), how images become an `ImageContext`, how a batch is laid out, and their
+    attention mask."""
+
+    name: str = ""
+
+    def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Vision-encoder features {encoder layer: (n_images, N, d_v)} -> `ImageContext.tokens`."""
+        raise NotImplementedError
+
+    def build_inputs(
+        self,
+        embed: nn.Embedding,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        image_token_id: int,
+        images_per_sample: list[list[int]],
+        context: ImageContext | None,
+        labels: torch.Tensor | None,
+    ) -> DecoderInputs:
+        raise NotImplementedError
+
+    def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
+        raise NotImplementedError
+
+
+def assign_images(input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int, num_images: int):
+    """Map images, in order, to the `<image>` placeholders read row by row; return image indices per sample."""
+    is_image = (input_ids == image_token_id) & valid
+    counts = is_image.sum(dim=1).tolist()
+    total = sum(counts)
+    if total != num_images:
+        raise ValueError(
+            f"The prompts contain {total} <image> placeholder(s) (per sample: {counts}) but {num_images} image(s) "
+            "were given. Write exactly one <image> placeholder per image, and pass the images in the order their "
+            "placeholders appear, sample by sample."
+        )
+    per_sample, start = [], 0
+    for count in counts:
+        per_sample.append(list(range(start, start + count)))
+        start += count
+    return per_sample
+
+
+def left_pad(sequences: list[torch.Tensor], pad_value) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (T_b, ...) tensors into (B, T_max, ...) with padding on the left; also return the valid mask."""
+    length = max(seq.shape[0] for seq in sequences)
+    first = sequences[0]
+    out = first.new_full((len(sequences), length, *first.shape[1:]), pad_value)
+    valid = torch.zeros(len(sequences), length, dtype=torch.bool, device=first.device)
+    for b, seq in enumerate(sequences):
+        if seq.shape[0]:
+            out[b, length - seq.shape[0] :] = seq
+            valid[b, length - seq.shape[0] :] = True
+    return out, valid
+
+
+def positions_from_valid(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions that count only valid tokens (padding gets the position of its neighbour; it is masked)."""
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return positions if start is None else positions + start[:, None]
+
+
+def layer_forward(layer: nn.Module, hidden, cos, sin, mask, kv_store, layer_idx: int) -> torch.Tensor:
+    """One pre-norm decoder layer, run from the HF layer's own submodules: the queries are `hidden`'s tokens; the
+    keys/values are whatever `kv_store` returns around this layer's new text keys (cache, vision prefix)."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    head_shape = (batch, length, -1, attn.head_dim)
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed).view(head_shape)
+    key = attn.k_proj(normed).view(head_shape)
+    value = attn.v_proj(normed).view(head_shape)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    query = apply_rope(query.transpose(1, 2), cos, sin)  # (B, H, T, D)
+    key = apply_rope(key.transpose(1, 2), cos, sin)
+    key, value = kv_store(layer_idx, key, value.transpose(1, 2))
+    out = attend(query, key, value, mask, attn.scaling)
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def run_decoder(
+    language_model: nn.Module,
+    policy: DecoderPolicy,
+    inputs: DecoderInputs,
+    cache: KVCache | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.Tensor:
+    """Run every decoder layer and the final norm; return hidden states (B, T, d)."""
+    hidden = inputs.inputs_embeds
+    cos, sin = language_model.model.rotary_emb(hidden, inputs.position_ids)
+    prefix = inputs.prefix
+    if cache is not None:
+        if prefix is not None:
+            cache.write_prefix(prefix.valid, zip(prefix.keys, prefix.values))
+        cache.begin(inputs.valid)
+        key_valid, prefix_len, kv_store = cache.key_valid, cache.prefix_len, cache.update
+    elif prefix is not None:
+        key_valid = torch.cat([prefix.valid, inputs.valid], dim=1)
+        prefix_len = prefix.valid.shape[1]
+
+        def kv_store(layer_idx, key, value):
+            return (
+                torch.cat([prefix.keys[layer_idx].to(key.dtype), key], dim=2),
+                torch.cat([prefix.values[layer_idx].to(value.dtype), value], dim=2),
+            )
+
+    else:
+        key_valid, prefix_len = inputs.valid, 0
+
+        def kv_store(layer_idx, key, value):
+            return key, value
+
+    masks: dict[int | None, object] = {}
+    num_queries = hidden.shape[1]
+    for layer_idx, layer in enumerate(decoder_layers(language_model)):
+        window = sliding_window(language_model, layer_idx)
+        if window not in masks:
+            masks[window] = policy.build_mask(key_valid, num_queries, prefix_len, window)
+        args = (layer, hidden, cos, sin, masks[window], kv_store, layer_idx)
+        if gradient_checkpointing and cache is None and torch.is_grad_enabled():
+            hidden = checkpoint(layer_forward, *args, use_reentrant=False)
+        else:
+            hidden = layer_forward(*args)
+    if cache is not None:
+        cache.end()
+        cache.next_position = inputs.position_ids[:, -1] + 1
+    return language_model.model.norm(hidden)

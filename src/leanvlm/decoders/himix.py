@@ -1,0 +1,109 @@
+"""`himix` (HiMix, arXiv 2501.10318): vision tokens never become queries and never pass the FFN. In every decoder
+layer, a layer-specific RMSNorm + K/V projection turns the frozen encoder features into extra keys/values that all
+text queries see ("mixture attention"). Text positions count text tokens only; vision keys get no RoPE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanvlm.decoders.attention import build_mask
+from leanvlm.decoders.base import (
+    IGNORE_INDEX,
+    DecoderInputs,
+    DecoderPolicy,
+    ImageContext,
+    VisionPrefix,
+    left_pad,
+    positions_from_valid,
+)
+from leanvlm.llm import decoder_layers, kv_layout
+
+
+class VisionKV(nn.Module):
+    """One decoder layer's vision projection: RMSNorm(d_v), then K and V Linear(d_v -> H_kv * head_dim)."""
+
+    def __init__(self, norm: nn.Module, vision_width: int, kv_width: int, bias: bool):
+        super().__init__()
+        self.norm = norm
+        self.k_proj = nn.Linear(vision_width, kv_width, bias=bias)
+        self.v_proj = nn.Linear(vision_width, kv_width, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.norm(features)
+        return self.k_proj(normed), self.v_proj(normed)
+
+
+def feature_layer_per_decoder_layer(feature_layers: list[int], num_layers: int) -> list[int]:
+    """Spread the encoder layers over consecutive, near-equal groups of decoder layers (first group first)."""
+    return [feature_layers[i * len(feature_layers) // num_layers] for i in range(num_layers)]
+
+
+class HiMixDecoder(DecoderPolicy):
+    name = "himix"
+
+    def __init__(self, config, language_model: nn.Module):
+        super().__init__()
+        layers = decoder_layers(language_model)
+        self.num_kv_heads, self.head_dim = kv_layout(language_model)
+        vision_width = config.vision_config.hidden_size
+        attn = layers[0].self_attn
+        norm_class = type(layers[0].input_layernorm)  # the LLM's own RMSNorm (weight 1 at init)
+        eps = config.text_config.rms_norm_eps
+        self.vision_kv = nn.ModuleList(
+            VisionKV(
+                norm_class(vision_width, eps=eps),
+                vision_width,
+                self.num_kv_heads * self.head_dim,
+                bias=attn.k_proj.bias is not None,
+            )
+            for _ in layers
+        )
+        self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(layers))
+
+    def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        per_layer = []
+        for vision_kv, feature_layer in zip(self.vision_kv, self.layer_feature):
+            key, value = vision_kv(features[feature_layer])  # (n, N, H_kv * D)
+            n, num_tokens, _ = key.shape
+            kv = torch.stack([key, value], dim=1).view(n, 2, num_tokens, self.num_kv_heads, self.head_dim)
+            per_layer.append(kv.transpose(2, 3))  # (n, 2, H_kv, N, D)
+        return torch.stack(per_layer, dim=1)  # (n, num_layers, 2, H_kv, N, D)
+
+    def build_inputs(
+        self,
+        embed: nn.Embedding,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        image_token_id: int,
+        images_per_sample: list[list[int]],
+        context: ImageContext | None,
+        labels: torch.Tensor | None,
+    ) -> DecoderInputs:
+        keep = valid & (input_ids != image_token_id)  # the placeholder leaves the text sequence
+        text_ids, text_valid = left_pad([input_ids[b, keep[b]] for b in range(len(input_ids))], 0)
+        text_labels = None
+        if labels is not None:
+            text_labels = left_pad([labels[b, keep[b]] for b in range(len(labels))], IGNORE_INDEX)[0]
+        prefix = self._prefix(images_per_sample, context) if context is not None and len(context) else None
+        return DecoderInputs(embed(text_ids), positions_from_valid(text_valid), text_valid, text_labels, prefix)
+
+    @staticmethod
+    def _prefix(images_per_sample: list[list[int]], context: ImageContext) -> VisionPrefix | None:
+        """Concatenate each sample's images' keys/values; a text-only sample gets no vision keys at all."""
+        tokens = context.tokens  # (n, L, 2, H_kv, N, D)
+        _, num_layers, _, num_kv_heads, per_image, head_dim = tokens.shape
+        lengths = [len(images) * per_image for images in images_per_sample]
+        batch, prefix_len = len(images_per_sample), max(lengths)
+        kv = tokens.new_zeros(num_layers, 2, batch, num_kv_heads, prefix_len, head_dim)
+        valid = torch.zeros(batch, prefix_len, dtype=torch.bool, device=tokens.device)
+        for b, images in enumerate(images_per_sample):
+            if images:
+                sample = tokens[images].permute(1, 2, 3, 0, 4, 5).reshape(num_layers, 2, num_kv_heads, -1, head_dim)
+                kv[:, :, b, :, : lengths[b]] = sample
+                valid[b, : lengths[b]] = True
+        return VisionPrefix(valid, kv[:, 0], kv[:, 1])
+
+    def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
+        """Text queries see every valid vision key and the text causally; vision keys are never windowed."""
+        return build_mask(key_valid, num_queries, prefix_len=prefix_len, window=window)

@@ -1,0 +1,324 @@
+"""`LeanVLMForConditionalGeneration`: a Hugging Face causal LM plus a vision encoder, run by a decoder policy."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.tokenization_utils_base import AddedToken
+from transformers.utils import ModelOutput
+
+from leanvlm.config import IMAGE_TOKEN, LeanVLMConfig
+from leanvlm.decoders import build_decoder
+from leanvlm.decoders.base import (
+    IGNORE_INDEX,
+    DecoderInputs,
+    ImageContext,
+    assign_images,
+    positions_from_valid,
+    run_decoder,
+)
+from leanvlm.decoders.cache import KVCache
+from leanvlm.llm import check_supported_text_config, decoder_layers
+from leanvlm.vision import encode_features
+
+
+@dataclass
+class LeanVLMOutput(ModelOutput):
+    """`logits` follow the decoder's own sequence layout, described by `attention_mask` (left-padded; vanilla: each
+    image's N tokens in place of its placeholder; himix: text tokens only). `labels` are mapped the same way."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+class LeanVLMPreTrainedModel(PreTrainedModel):
+    config_class = LeanVLMConfig
+    config: LeanVLMConfig
+    base_model_prefix = "leanvlm"
+    supports_gradient_checkpointing = True
+    input_modalities = ("image", "text")
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # New vision-side modules (connector, HiMix vision K/V): as the LLM's own `_init_weights` would.
+        std = self.config.text_config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+            init.ones_(module.weight)
+
+
+class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
+    def __init__(
+        self, config: LeanVLMConfig, language_model: PreTrainedModel | None = None, vision_model: nn.Module = None
+    ):
+        super().__init__(config)
+        given = [part for part in (language_model, vision_model) if part is not None]
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_model = vision_model or AutoModel.from_config(config.vision_config)
+        self.decoder = build_decoder(config, self.language_model)
+        for part in given:  # pretrained parts keep their weights through `post_init`
+            for module in part.modules():
+                module._is_hf_initialized = True
+        self.gradient_checkpointing = False
+        self.post_init()
+        if config.freeze_vision:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_parts(
+        cls,
+        language_model,
+        vision_model,
+        decoder: str = "vanilla",
+        tokenizer=None,
+        image_token_id: int | None = None,
+        dtype: torch.dtype | None = None,
+        **options,
+    ) -> LeanVLMForConditionalGeneration:
+        """Assemble a VLM from an LLM and a vision encoder, each a model object, a local directory or a config
+        (random init). `options` are `LeanVLMConfig` fields (decoder options, feature layer, connector...).
+
+        The `<image>` placeholder id is `image_token_id` if given, else the tokenizer's `<image>` token (added to the
+        tokenizer when missing), else a new id after the vocabulary; the embeddings grow when the id needs it.
+        """
+        unknown = sorted(set(options) - set(LeanVLMConfig.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"Unknown option(s) {unknown}; valid options are the fields of LeanVLMConfig.")
+        language_model = _load_language_model(language_model, dtype)
+        vision_model = _load_vision_model(vision_model, dtype)
+        if image_token_id is None and tokenizer is not None:
+            if IMAGE_TOKEN not in tokenizer.get_vocab():
+                tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        vocab_rows = language_model.get_input_embeddings().num_embeddings
+        if image_token_id is None:
+            image_token_id = vocab_rows
+        if image_token_id >= vocab_rows:
+            language_model.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+        config = LeanVLMConfig(
+            text_config=language_model.config,
+            vision_config=vision_model.config,
+            decoder=decoder,
+            image_token_id=image_token_id,
+            **options,
+        )
+        model = cls(config, language_model=language_model, vision_model=vision_model)
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_llava(cls, llava) -> LeanVLMForConditionalGeneration:
+        """Import a Hugging Face `LlavaForConditionalGeneration` (object or local directory) as a `vanilla` model
+        with the same weights and the same outputs."""
+        from transformers import LlavaForConditionalGeneration
+
+        if isinstance(llava, (str, os.PathLike)):
+            llava = LlavaForConditionalGeneration.from_pretrained(_existing_dir(llava, "Llava checkpoint"))
+        source = llava.config
+        if not isinstance(source.vision_feature_layer, int):
+            raise ValueError(
+                f"This Llava checkpoint concatenates several vision layers ({source.vision_feature_layer}); "
+                "leanvlm's vanilla decoder takes one vision_feature_layer."
+            )
+        config = LeanVLMConfig(
+            text_config=copy.deepcopy(source.text_config),
+            vision_config=copy.deepcopy(source.vision_config),
+            decoder="vanilla",
+            image_token_id=source.image_token_id,
+            vision_feature_layer=source.vision_feature_layer,
+            vision_feature_select={"default": "drop_first", "full": "full"}[source.vision_feature_select_strategy],
+            connector_type="mlp2x_gelu",
+            connector_act=source.projector_hidden_act,
+            connector_bias=source.multimodal_projector_bias,
+        )
+        model = cls(config)
+        renames = {
+            "model.vision_tower.": "vision_model.",
+            "model.multi_modal_projector.": "decoder.connector.",
+            "model.language_model.": "language_model.model.",
+            "lm_head.": "language_model.lm_head.",
+        }
+        state = {}
+        for name, tensor in llava.state_dict().items():
+            prefix = next((p for p in renames if name.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"Unexpected Llava weight {name!r}; cannot map it onto a leanvlm model.")
+            state[renames[prefix] + name[len(prefix) :]] = tensor
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"The Llava checkpoint lacks weights leanvlm needs: {missing}")
+        return model.to(next(llava.parameters()).dtype)
+
+    # ------------------------------------------------------------------ running
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision_model.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> ImageContext:
+        """Encode images once into what this decoder consumes (vanilla: projected tokens; himix: every layer's vision
+        keys/values). Pass the result as `image_context=` to `forward`/`generate` with any prompts."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            features = encode_features(
+                self.vision_model, pixel_values, self.config.feature_layers, self.config.vision_feature_select
+            )
+        dtype = self.get_input_embeddings().weight.dtype
+        tokens = self.decoder.project_images({layer: f.to(dtype) for layer, f in features.items()})
+        return ImageContext(self.config.decoder, tokens)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_context: ImageContext | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> LeanVLMOutput:
+        """Prefill/training forward, or (with a filled `past_key_values`) a continuation over new text tokens, whose
+        `attention_mask` then covers only the new tokens. `logits_to_keep=k` computes logits for the last k
+        positions only (0 = all)."""
+        if kwargs:
+            raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}.")
+        cache = past_key_values
+        if cache is not None and cache.length:
+            inputs = self._continuation_inputs(input_ids, attention_mask, cache, labels)
+        else:
+            inputs = self._prefill_inputs(input_ids, attention_mask, pixel_values, image_context, labels)
+            if cache is None and use_cache:
+                cache = KVCache(len(decoder_layers(self.language_model)))
+        hidden = run_decoder(
+            self.language_model,
+            self.decoder,
+            inputs,
+            cache,
+            gradient_checkpointing=self.gradient_checkpointing and self.training,
+        )
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language_model.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return LeanVLMOutput(loss=loss, logits=logits, past_key_values=cache, attention_mask=inputs.valid)
+
+    def _prefill_inputs(self, input_ids, attention_mask, pixel_values, image_context, labels) -> DecoderInputs:
+        if pixel_values is not None and image_context is not None:
+            raise ValueError("Pass either pixel_values or image_context, not both.")
+        if image_context is None and pixel_values is not None:
+            image_context = self.encode_images(pixel_values)
+        if image_context is not None and image_context.decoder != self.config.decoder:
+            raise ValueError(
+                f"This image_context was encoded for the {image_context.decoder!r} decoder; this model runs "
+                f"{self.config.decoder!r}. Encode the images with this model's encode_images()."
+            )
+        valid = _valid_mask(input_ids, attention_mask)
+        num_images = len(image_context) if image_context is not None else 0
+        images = assign_images(input_ids, valid, self.config.image_token_id, num_images)
+        return self.decoder.build_inputs(
+            self.get_input_embeddings(), input_ids, valid, self.config.image_token_id, images, image_context, labels
+        )
+
+    def _continuation_inputs(self, input_ids, attention_mask, cache: KVCache, labels) -> DecoderInputs:
+        if (input_ids == self.config.image_token_id).any():
+            raise ValueError("Images can only be given with the first forward of a cache (the prefill).")
+        valid = _valid_mask(input_ids, attention_mask)
+        return DecoderInputs(
+            self.get_input_embeddings()(input_ids), positions_from_valid(valid, cache.next_position), valid, labels
+        )
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_context=None, **kwargs):
+        """Batched generation with a KV cache; returns prompt + new tokens (see `leanvlm.generation.generate`)."""
+        from leanvlm.generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, image_context, **kwargs)
+
+
+def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
+        )
+    return attention_mask.bool()
+
+
+def _existing_dir(path, what: str) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} directory {str(path)!r} does not exist.")
+    return str(path)
+
+
+def _load_language_model(part, dtype) -> PreTrainedModel:
+    if isinstance(part, PreTrainedConfig):
+        check_supported_text_config(part)
+        return AutoModelForCausalLM.from_config(part)
+    if isinstance(part, (str, os.PathLike)):
+        path = _existing_dir(part, "Language model")
+        check_supported_text_config(AutoConfig.from_pretrained(path))
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if isinstance(part, PreTrainedModel):
+        check_supported_text_config(part.config)
+        if not hasattr(part, "lm_head"):
+            raise ValueError(
+                f"{type(part).__name__} has no language-model head; pass the causal LM (e.g. LlamaForCausalLM)."
+            )
+        return part
+    raise TypeError(f"language_model must be a model, a local directory or a config, got {type(part).__name__}.")
+
+
+def _load_vision_model(part, dtype) -> PreTrainedModel:
+    if isinstance(part, PreTrainedConfig):
+        return AutoModel.from_config(getattr(part, "vision_config", None) or part)
+    if isinstance(part, (str, os.PathLike)):
+        path = _existing_dir(part, "Vision model")
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "vision_config"):  # a full CLIP/SigLIP checkpoint: load its vision tower only
+            from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+            return MODEL_MAPPING[type(config.vision_config)].from_pretrained(path, dtype=dtype)
+        return AutoModel.from_pretrained(path, dtype=dtype)
+    if isinstance(part, PreTrainedModel):
+        if hasattr(part.config, "vision_config"):
+            raise ValueError(
+                f"{type(part).__name__} is a two-tower model; pass its vision model (e.g. CLIPVisionModel, "
+                "SiglipVisionModel) or the checkpoint directory."
+            )
+        return part
+    raise TypeError(f"vision_model must be a model, a local directory or a config, got {type(part).__name__}.")

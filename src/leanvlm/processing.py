@@ -1,0 +1,129 @@
+"""`LeanVLMProcessor`: tokenizer + image processor. Text keeps one `<image>` placeholder per image; prompts are
+left-padded for batched generation; images are stacked in placeholder order, sample by sample."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers.tokenization_utils_base import AddedToken
+
+from leanvlm.config import IMAGE_TOKEN
+
+PROCESSOR_FILE = "leanvlm_processor.json"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def default_image_processor(vision_config):
+    """The usual preprocessing for the encoder families leanvlm tests with (PIL backend, no torchvision)."""
+    from transformers import BitImageProcessorPil, CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    size = vision_config.image_size
+    if vision_config.model_type == "siglip_vision_model":
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if vision_config.model_type in ("dinov2", "dinov2_with_registers"):
+        return BitImageProcessorPil(
+            size={"height": size, "width": size},
+            do_center_crop=False,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
+    raise ValueError(
+        f"No default image processor for vision model type {vision_config.model_type!r}; pass image_processor=..."
+    )
+
+
+class LeanVLMProcessor:
+    def __init__(self, tokenizer, image_processor, image_token_id: int | None = None):
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            # Special, so it is never split or merged with its neighbours.
+            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.tokenizer_image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_token_id = self.tokenizer_image_id if image_token_id is None else image_token_id
+
+    @classmethod
+    def from_parts(cls, tokenizer, image_processor=None, image_token_id: int | None = None, vision_config=None):
+        """`image_token_id`: the model's placeholder id (`model.config.image_token_id`); without it the tokenizer's
+        own `<image>` id is used. Without `image_processor`, the default one for `vision_config` is built."""
+        if image_processor is None:
+            if vision_config is None:
+                raise ValueError("Pass image_processor=..., or vision_config=... to build the default one.")
+            image_processor = default_image_processor(vision_config)
+        return cls(tokenizer, image_processor, image_token_id)
+
+    @classmethod
+    def for_model(cls, model, tokenizer, image_processor=None) -> LeanVLMProcessor:
+        """The processor that matches a model: its placeholder id and (by default) its encoder's preprocessing."""
+        return cls.from_parts(tokenizer, image_processor, model.config.image_token_id, model.config.vision_config)
+
+    def __call__(self, text, images=None, return_tensors: str = "pt", **tokenizer_kwargs) -> BatchFeature:
+        texts = [text] if isinstance(text, str) else list(text)
+        flat_images = _flatten_images(images)
+        placeholders = [t.count(IMAGE_TOKEN) for t in texts]
+        if sum(placeholders) != len(flat_images):
+            raise ValueError(
+                f"The text contains {sum(placeholders)} {IMAGE_TOKEN} placeholder(s) (per sample: {placeholders}) "
+                f"but {len(flat_images)} image(s) were given. Write one {IMAGE_TOKEN} per image."
+            )
+        tokenizer_kwargs.setdefault("padding", True)
+        tokenizer_kwargs.setdefault("padding_side", "left")
+        encoded = self.tokenizer(texts, return_tensors="pt", **tokenizer_kwargs)
+        input_ids = encoded["input_ids"]
+        input_ids[input_ids == self.tokenizer_image_id] = self.image_token_id
+        data = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
+        if flat_images:
+            data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt")["pixel_values"]
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def batch_decode(self, token_ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(self._printable(token_ids), **kwargs)
+
+    def decode(self, token_ids, **kwargs) -> str:
+        return self.tokenizer.decode(self._printable(token_ids), **kwargs)
+
+    def _printable(self, token_ids):
+        token_ids = torch.as_tensor(token_ids).clone()
+        token_ids[token_ids == self.image_token_id] = self.tokenizer_image_id
+        return token_ids
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        with open(os.path.join(directory, PROCESSOR_FILE), "w") as f:
+            json.dump({"image_token": IMAGE_TOKEN, "image_token_id": self.image_token_id}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> LeanVLMProcessor:
+        path = os.path.join(directory, PROCESSOR_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {directory!r} holds no saved LeanVLMProcessor.")
+        with open(path) as f:
+            settings = json.load(f)
+        return cls(
+            AutoTokenizer.from_pretrained(directory),
+            AutoImageProcessor.from_pretrained(directory),
+            settings["image_token_id"],
+        )
+
+
+def _flatten_images(images) -> list:
+    """None, one image, a flat list in placeholder order, or one list per sample -> flat list."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat

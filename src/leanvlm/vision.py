@@ -1,0 +1,58 @@
+"""The vision encoder side: checking pixel inputs and picking feature tokens out of an HF encoder's hidden states."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Encoders whose learned position embeddings fix the input resolution (no interpolation by default).
+FIXED_RESOLUTION_ENCODERS = ("clip_vision_model", "siglip_vision_model")
+
+
+def check_pixel_values(pixel_values: torch.Tensor, vision_config) -> None:
+    channels = getattr(vision_config, "num_channels", 3)
+    size = getattr(vision_config, "image_size", None)
+    expected = f"(num_images, {channels}, H, W)"
+    if vision_config.model_type in FIXED_RESOLUTION_ENCODERS and size is not None:
+        expected = f"(num_images, {channels}, {size}, {size})"
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(
+            f"pixel_values must have shape {expected}, got {shape}. Build it with the model's processor "
+            "(LeanVLMProcessor), which stacks one preprocessed image per <image> placeholder."
+        )
+    height, width = pixel_values.shape[-2:]
+    patch = vision_config.patch_size
+    if vision_config.model_type in FIXED_RESOLUTION_ENCODERS and size is not None and (height, width) != (size, size):
+        raise ValueError(
+            f"pixel_values has images of {height}x{width} pixels but this {vision_config.model_type} encoder takes "
+            f"{size}x{size}; preprocess them with the encoder's image processor."
+        )
+    if height % patch or width % patch:
+        raise ValueError(f"pixel_values height/width ({height}x{width}) must be multiples of the patch size {patch}.")
+
+
+def select_tokens(hidden: torch.Tensor, num_patches: int, select: str) -> torch.Tensor:
+    """hidden (n, S, d_v) -> the tokens the decoder consumes.
+
+    "patch" keeps the `num_patches` patch tokens (encoders put CLS/register tokens first; SigLIP has none),
+    "full" keeps everything, "drop_first" drops token 0 whatever it is (LLaVA's "default" strategy).
+    """
+    if select == "full":
+        return hidden
+    if select == "drop_first":
+        return hidden[:, 1:]
+    return hidden[:, hidden.shape[1] - num_patches :]
+
+
+def encode_features(
+    vision_model: nn.Module, pixel_values: torch.Tensor, layers: list[int], select: str
+) -> dict[int, torch.Tensor]:
+    """Run the encoder once; return {hidden-state index: (n_images, N, d_v)} for the requested layers."""
+    config = vision_model.config
+    check_pixel_values(pixel_values, config)
+    dtype = next(vision_model.parameters()).dtype
+    outputs = vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+    patch = config.patch_size
+    num_patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+    return {layer: select_tokens(outputs.hidden_states[layer], num_patches, select) for layer in set(layers)}

@@ -1,0 +1,95 @@
+"""Tiny random configs and helpers shared by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    Dinov2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
+
+VOCAB = 96
+IMAGE_SIZE = 32
+PATCH = 8  # 4 x 4 = 16 patches per image
+
+_TEXT_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def text_config(family: str = "llama"):
+    if family == "llama":
+        return LlamaConfig(**_TEXT_COMMON)
+    if family == "llama3":  # Llama-3 rope scaling, as SmolLM2/Llama-3.2 checkpoints use
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return LlamaConfig(**_TEXT_COMMON, rope_parameters=rope, tie_word_embeddings=True)
+    if family == "qwen2":
+        return Qwen2Config(**_TEXT_COMMON)
+    if family == "mistral":
+        return MistralConfig(**{**_TEXT_COMMON, "sliding_window": 7})
+    if family == "qwen3":
+        return Qwen3Config(**_TEXT_COMMON, head_dim=8)
+    raise KeyError(family)
+
+
+TEXT_FAMILIES = ("llama", "llama3", "qwen2", "mistral", "qwen3")
+
+
+def vision_config(kind: str = "siglip"):
+    common = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=PATCH)
+    if kind == "siglip":
+        return SiglipVisionConfig(**common)
+    if kind == "clip":
+        return CLIPVisionConfig(**common)
+    if kind == "dinov2":
+        return Dinov2Config(**common)
+    raise KeyError(kind)
+
+
+VISION_KINDS = ("siglip", "clip", "dinov2")
+
+
+def build(decoder: str = "vanilla", text: str = "llama", vision: str = "siglip", seed: int = 0, **options):
+    from leanvlm import LeanVLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LeanVLMForConditionalGeneration.from_parts(
+        language_model=text_config(text), vision_model=vision_config(vision), decoder=decoder, **options
+    )
+    return model.eval()
+
+
+def pixels(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+
+
+def prompt(model, *pieces) -> list[int]:
+    """Token ids from ints and the string "<image>"."""
+    return [model.config.image_token_id if p == "<image>" else p for p in pieces]
+
+
+def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = torch.tensor(r)
+        mask[i, length - len(r):] = 1
+    return ids, mask
