@@ -67,10 +67,13 @@ class LeanVLMProcessor:
         return cls.from_parts(tokenizer, image_processor, model.config.image_token_id, model.config.vision_config)
 
     def __call__(self, text, images=None, return_tensors: str = "pt", **tokenizer_kwargs) -> BatchFeature:
+        """Tokenize prompts (left-padded) and preprocess their images, given flat in placeholder order or as one
+        list per prompt. Returns `input_ids`, `attention_mask` and, with images, `pixel_values`."""
         texts = [text] if isinstance(text, str) else list(text)
         flat_images = _flatten_images(images)
         placeholders = [t.count(IMAGE_TOKEN) for t in texts]
-        if sum(placeholders) != len(flat_images):
+        # images=None is allowed with placeholders: the images then come as an `image_context` at generation.
+        if images is not None and sum(placeholders) != len(flat_images):
             raise ValueError(
                 f"The text contains {sum(placeholders)} {IMAGE_TOKEN} placeholder(s) (per sample: {placeholders}) "
                 f"but {len(flat_images)} image(s) were given. Write one {IMAGE_TOKEN} per image."

@@ -1,0 +1,58 @@
+"""Bad input gets a clear error that says what was wrong and what to do."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from leanvlm import LeanVLMConfig, LeanVLMForConditionalGeneration
+from tiny import build, pixels, prompt, text_config, vision_config
+
+
+def test_placeholder_count_must_match_image_count():
+    model = build("himix")
+    ids = torch.tensor([prompt(model, 5, "<image>", 7, "<image>")])
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\).*but 3 image\(s\)"):
+        model(ids, pixel_values=pixels(3))
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\).*but 0 image\(s\)"):
+        build("vanilla")(torch.tensor([prompt(model, 5, "<image>")]))
+
+
+@pytest.mark.parametrize("bad", [torch.randn(3, 32, 32), torch.randn(1, 1, 32, 32), torch.randn(1, 3, 48, 48)])
+def test_wrong_pixel_values_shape(bad):
+    model = build("vanilla", vision="siglip")
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(torch.tensor([prompt(model, 5, "<image>")]), pixel_values=bad)
+
+
+def test_unknown_decoder_lists_the_valid_names():
+    with pytest.raises(ValueError, match="Unknown decoder 'fastv'.*vanilla, himix"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), decoder="fastv")
+    with pytest.raises(ValueError, match="available decoders"):
+        LeanVLMConfig(text_config=text_config(), vision_config=vision_config(), decoder="HiMix")
+
+
+def test_unsupported_language_model_family_names_the_supported_ones():
+    gpt2 = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)
+    with pytest.raises(ValueError, match="Unsupported language model family 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        LeanVLMForConditionalGeneration.from_parts(gpt2, vision_config())
+    with pytest.raises(ValueError, match="Unsupported language model family 'gpt2'"):
+        LeanVLMForConditionalGeneration.from_parts(GPT2LMHeadModel(gpt2), vision_config())
+
+
+def test_unknown_option_and_missing_directory():
+    with pytest.raises(TypeError, match="proxyv_start_layer"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), proxyv_start_layer=2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LeanVLMForConditionalGeneration.from_parts("/nonexistent/llm", vision_config())
+    with pytest.raises(ValueError, match="vision_feature_select"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), vision_feature_select="cls")
+
+
+def test_image_context_must_come_from_the_same_decoder():
+    himix, vanilla = build("himix"), build("vanilla")
+    ids = torch.tensor([prompt(himix, 5, "<image>")])
+    context = vanilla.encode_images(pixels(1))
+    with pytest.raises(ValueError, match="encoded for the 'vanilla' decoder"):
+        himix(ids, image_context=context)
+    with pytest.raises(ValueError, match="either pixel_values or image_context"):
+        vanilla(ids, pixel_values=pixels(1), image_context=context)

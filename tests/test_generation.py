@@ -1,0 +1,120 @@
+"""Batched KV-cache generation: equal to one-by-one runs, to full recomputation, and to itself with reused images."""
+
+import pytest
+import torch
+
+from leanvlm import KVCache
+from tiny import build, left_padded, pixels, prompt
+
+DECODERS = ["vanilla", "himix"]
+
+
+def three_prompts(model):
+    """Different lengths, different images, and a text-only prompt; images in placeholder order."""
+    rows = [
+        prompt(model, 5, "<image>", 7, 8),
+        prompt(model, 9, 10, 11, 12, "<image>", 13, 14, 15, 16),
+        prompt(model, 17, 18),
+    ]
+    images_per_row = [[0], [1], []]
+    return rows, images_per_row, pixels(2, seed=3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_batched_greedy_equals_one_by_one(decoder, family):
+    model = build(decoder, family)
+    rows, images_per_row, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    batched = model.generate(ids, mask, pixel_values=images, max_new_tokens=8, eos_token_id=[])
+    assert batched.shape == (3, ids.shape[1] + 8)
+    assert torch.equal(batched[:, : ids.shape[1]], ids)  # prompt first, like transformers
+    for b, row in enumerate(rows):
+        single_images = images[images_per_row[b]] if images_per_row[b] else None
+        single = model.generate(torch.tensor([row]), pixel_values=single_images, max_new_tokens=8, eos_token_id=[])
+        assert batched[b, ids.shape[1] :].tolist() == single[0, len(row) :].tolist()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_cached_decoding_equals_full_recomputation(decoder):
+    model = build(decoder, "qwen3")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    new = torch.randint(3, 90, (3, 5))
+    with torch.no_grad():
+        cache = KVCache(model.config.text_config.num_hidden_layers)
+        step_logits = [model(ids, mask, pixel_values=images, past_key_values=cache).logits[:, -1]]
+        for t in range(4):
+            step_logits.append(model(new[:, t : t + 1], past_key_values=cache).logits[:, -1])
+        full_ids = torch.cat([ids, new[:, :4]], dim=1)
+        full_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], dim=1)
+        full = model(full_ids, full_mask, pixel_values=images).logits[:, -5:]
+    torch.testing.assert_close(torch.stack(step_logits, dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_generation_from_image_context_equals_generation_from_pixels(decoder):
+    model = build(decoder)
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    from_pixels = model.generate(ids, mask, pixel_values=images, max_new_tokens=6, eos_token_id=[])
+    context = model.encode_images(images)
+    assert torch.equal(model.generate(ids, mask, image_context=context, max_new_tokens=6, eos_token_id=[]), from_pixels)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_one_image_context_serves_many_prompts(decoder):
+    model = build(decoder)
+    context = model.encode_images(pixels(1, seed=5))
+    questions = [prompt(model, "<image>", 7, 8), prompt(model, "<image>", 20, 21, 22, 23), prompt(model, "<image>", 30)]
+    ids, mask = left_padded(questions)
+    batched = model.generate(ids, mask, image_context=context[[0, 0, 0]], max_new_tokens=5, eos_token_id=[])
+    for b, question in enumerate(questions):
+        alone = model.generate(torch.tensor([question]), pixel_values=pixels(1, seed=5), max_new_tokens=5,
+                               eos_token_id=[])
+        assert batched[b, ids.shape[1] :].tolist() == alone[0, len(question) :].tolist()
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = build("himix")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    kwargs = dict(pixel_values=images, max_new_tokens=6, eos_token_id=[])
+    greedy = model.generate(ids, mask, **kwargs)
+    top1 = model.generate(ids, mask, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(top1, greedy)
+    sampled = [
+        model.generate(ids, mask, do_sample=True, temperature=1.5, top_p=0.9,
+                       generator=torch.Generator().manual_seed(seed), **kwargs)
+        for seed in (1, 1, 2)
+    ]
+    assert torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[0], sampled[2])
+    assert not torch.equal(sampled[0], greedy)
+
+
+def test_eos_stops_a_sample_and_pads_it():
+    model = build("vanilla")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    greedy = model.generate(ids, mask, pixel_values=images, max_new_tokens=6, eos_token_id=[])
+    new = greedy[:, ids.shape[1] :]
+    eos = new[0, 1].item()  # sample 0's second token becomes the end-of-sequence token
+    out = model.generate(ids, mask, pixel_values=images, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    out_new = out[:, ids.shape[1] :]
+    first_eos = (new == eos).int().argmax(dim=1)
+    for b in range(3):
+        if (new[b] == eos).any():
+            stop = first_eos[b].item()
+            assert out_new[b, : stop + 1].tolist() == new[b, : stop + 1].tolist()
+            assert (out_new[b, stop + 1 :] == 0).all()
+        else:
+            assert out_new[b].tolist() == new[b, : out_new.shape[1]].tolist()
+
+
+def test_generation_stops_when_every_sample_has_ended():
+    model = build("himix")
+    ids = torch.tensor([prompt(model, 5, "<image>", 7)])
+    first = model.generate(ids, pixel_values=pixels(1), max_new_tokens=1, eos_token_id=[])[0, -1].item()
+    out = model.generate(ids, pixel_values=pixels(1), max_new_tokens=10, eos_token_id=first)
+    assert out.shape[1] == ids.shape[1] + 1

@@ -1,0 +1,151 @@
+"""`himix` against an explicit mixture-attention reference written from the spec (reference/himix.md §2.2-2.4)."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from leanvlm import ImageContext
+from leanvlm.decoders.himix import feature_layer_per_decoder_layer
+from tiny import build, left_padded, pixels, prompt
+
+
+def vision_hidden(model, images, layer):
+    """Encoder hidden states straight from the HF vision model (SigLIP: no CLS, so every token is a patch)."""
+    with torch.no_grad():
+        return model.vision_model(pixel_values=images, output_hidden_states=True).hidden_states[layer]
+
+
+@torch.no_grad()
+def reference_logits(model, text_ids, vision_per_layer):
+    """One sample. text_ids: text tokens only (placeholder removed); vision_per_layer[l]: (N, d_v) or None.
+
+    Every layer: queries from text; keys/values = [vision K/V (own RMSNorm + K/V Linear, no RoPE) ; text K/V
+    (RoPE at positions 0..M-1)]; mask = [all vision visible | causal text]; o_proj + FFN on text only."""
+    llm = model.language_model
+    x = llm.model.embed_tokens(torch.tensor([text_ids]))
+    m = x.shape[1]
+    cos, sin = llm.model.rotary_emb(x, torch.arange(m)[None])
+    for layer, vision_kv, vision in zip(llm.model.layers, model.decoder.vision_kv, vision_per_layer):
+        attn = layer.self_attn
+        hd = attn.head_dim
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(1, m, -1, hd)
+        k = attn.k_proj(h).view(1, m, -1, hd)
+        v = attn.v_proj(h).view(1, m, -1, hd)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
+        n = 0
+        if vision is not None:
+            n = vision.shape[0]
+            y = vision_kv.norm(vision[None])
+            kv_k = vision_kv.k_proj(y).view(1, n, -1, hd).transpose(1, 2)
+            kv_v = vision_kv.v_proj(y).view(1, n, -1, hd).transpose(1, 2)
+            k, v = torch.cat([kv_k, k], dim=2), torch.cat([kv_v, v], dim=2)
+        groups = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        causal = torch.ones(m, m, dtype=torch.bool).tril()
+        allowed = torch.cat([torch.ones(m, n, dtype=torch.bool), causal], dim=1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, m, -1)
+        x = x + attn.o_proj(out)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return llm.lm_head(llm.model.norm(x))[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_logits_equal_explicit_reference(family):
+    model = build("himix", family)
+    images = pixels(3)
+    feats = vision_hidden(model, images, -2)
+    rows = [
+        prompt(model, 5, "<image>", 7, 8, 9),  # one image; placeholder removed, text positions 0..3
+        prompt(model, "<image>", 10, "<image>", 11, 12),  # two images: their vision keys concatenate
+        prompt(model, 13, 14, 15, 16, 17, 18),  # text only: no vision keys at all
+    ]
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        out = model(ids, mask, pixel_values=images)
+    layers = len(model.decoder.vision_kv)
+    expected = [
+        reference_logits(model, [5, 7, 8, 9], [feats[0]] * layers),
+        reference_logits(model, [10, 11, 12], [torch.cat([feats[1], feats[2]])] * layers),
+        reference_logits(model, [13, 14, 15, 16, 17, 18], [None] * layers),
+    ]
+    for b, reference in enumerate(expected):
+        torch.testing.assert_close(out.logits[b, out.attention_mask[b]], reference, atol=1e-5, rtol=0)
+
+
+def test_text_only_sample_equals_plain_llm():
+    model = build("himix", "qwen2")
+    ids, mask = left_padded([prompt(model, 5, "<image>", 6), [7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        out = model(ids, mask, pixel_values=pixels(1))
+        plain = model.language_model(input_ids=torch.tensor([[7, 8, 9, 10, 11]])).logits[0]
+    torch.testing.assert_close(out.logits[1], plain, atol=1e-5, rtol=0)
+
+
+def test_permuting_vision_tokens_leaves_logits_unchanged_and_the_image_matters():
+    model = build("himix")
+    ids = torch.tensor([prompt(model, 5, "<image>", 7, 8, 9)])
+    with torch.no_grad():
+        context = model.encode_images(pixels(1))
+        permuted = ImageContext("himix", context.tokens[..., torch.randperm(context.tokens.shape[-2]), :])
+        base = model(ids, image_context=context).logits
+        shuffled = model(ids, image_context=permuted).logits
+        other = model(ids, pixel_values=pixels(1, seed=7)).logits
+    torch.testing.assert_close(shuffled, base, atol=1e-5, rtol=0)
+    assert (other - base).abs().max() > 1e-3
+
+
+def test_feature_layers_map_onto_consecutive_decoder_layer_groups():
+    assert feature_layer_per_decoder_layer([-2], 4) == [-2, -2, -2, -2]
+    assert feature_layer_per_decoder_layer([-1, -3], 4) == [-1, -1, -3, -3]
+    assert feature_layer_per_decoder_layer([-1, -2, -3], 3) == [-1, -2, -3]
+    assert feature_layer_per_decoder_layer([-1, -2], 3) == [-1, -1, -2]
+
+    model = build("himix", himix_feature_layers=[-1, -3])  # 3 decoder layers -> [-1, -1, -3]
+    images = pixels(1)
+    per_layer = [vision_hidden(model, images, layer)[0] for layer in (-1, -1, -3)]
+    with torch.no_grad():
+        out = model(torch.tensor([prompt(model, "<image>", 7, 8)]), pixel_values=images).logits[0]
+    torch.testing.assert_close(out, reference_logits(model, [7, 8], per_layer), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,bias", [("llama", False), ("qwen2", True)])
+def test_new_vision_kv_modules_follow_the_llm(family, bias):
+    model = build("himix", family)
+    text, vision = model.config.text_config, model.config.vision_config
+    kv_width = text.num_key_value_heads * model.language_model.model.layers[0].self_attn.head_dim
+    d_v = vision.hidden_size
+    assert len(model.decoder.vision_kv) == text.num_hidden_layers
+    for module in model.decoder.vision_kv:
+        count = sum(p.numel() for p in module.parameters())
+        assert count == 2 * d_v * kv_width + (2 * kv_width if bias else 0) + d_v
+        assert torch.equal(module.norm.weight, torch.ones(d_v))
+        assert (module.k_proj.bias is not None) == bias
+        if bias:
+            assert not module.k_proj.bias.any() and not module.v_proj.bias.any()
+    weights = torch.cat([p.flatten() for n, p in model.decoder.named_parameters() if n.endswith("proj.weight")])
+    assert weights.mean().abs() < 0.003
+    assert weights.std().item() == pytest.approx(text.initializer_range, rel=0.1)
+
+
+def test_loss_trains_vision_kv_and_never_the_frozen_encoder():
+    model = build("himix").train()
+    assert not model.vision_model.training  # frozen encoder stays in eval mode
+    ids = torch.tensor([prompt(model, 5, "<image>", 7, 8, 9)])
+    labels = ids.clone()
+    labels[0, :2] = -100
+    out = model(ids, pixel_values=pixels(1), labels=labels)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.vision_model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    # text layout [5, 7, 8, 9] (placeholder removed): 5 predicts 7, 7 predicts 8, 8 predicts 9
+    logits = out.logits[0].detach()
+    expected = torch.nn.functional.cross_entropy(logits[0:3], torch.tensor([7, 8, 9]))
+    torch.testing.assert_close(out.loss.detach(), expected)

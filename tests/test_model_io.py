@@ -1,0 +1,105 @@
+"""Building from parts, saving and loading."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPConfig, CLIPModel, CLIPTextConfig
+
+from leanvlm import LeanVLMForConditionalGeneration
+from tiny import build, left_padded, pixels, prompt, text_config, vision_config
+
+
+def logits(model, images=None):
+    ids, mask = left_padded([prompt(model, 5, "<image>", 7, 8), prompt(model, 9, "<image>", 10)])
+    with torch.no_grad():
+        return model(ids, mask, pixel_values=pixels(2) if images is None else images).logits
+
+
+@pytest.mark.parametrize("decoder,family", [("vanilla", "llama3"), ("himix", "qwen2"), ("himix", "llama3")])
+def test_safetensors_round_trip_gives_identical_logits(tmp_path, decoder, family):
+    model = build(decoder, family, himix_feature_layers=[-1, -2] if decoder == "himix" else None)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = LeanVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.decoder == decoder
+    assert loaded.config.image_token_id == model.config.image_token_id
+    assert loaded.config.himix_feature_layers == model.config.himix_feature_layers
+    assert torch.equal(logits(loaded), logits(model))
+    auto = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(auto, LeanVLMForConditionalGeneration)
+    assert torch.equal(logits(auto), logits(model))
+
+
+def test_parts_from_local_directories_equal_parts_from_objects(tmp_path):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(text_config("qwen2"))
+    clip = CLIPModel(CLIPConfig(text_config=CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, vocab_size=50).to_dict(),
+                                vision_config=vision_config("clip").to_dict()))
+    with pytest.raises(ValueError, match="two-tower"):
+        LeanVLMForConditionalGeneration.from_parts(llm, clip)
+    llm.save_pretrained(tmp_path / "llm")
+    clip.save_pretrained(tmp_path / "clip")  # a full two-tower checkpoint: only its vision tower is loaded
+    torch.manual_seed(1)
+    from_dirs = LeanVLMForConditionalGeneration.from_parts(tmp_path / "llm", str(tmp_path / "clip"), decoder="himix")
+    torch.manual_seed(1)
+    from_objects = LeanVLMForConditionalGeneration.from_parts(llm, clip.vision_model, decoder="himix")
+    assert type(from_dirs.vision_model).__name__ == "CLIPVisionModel"
+    assert torch.equal(logits(from_dirs.eval()), logits(from_objects.eval()))
+
+
+def test_pretrained_parts_keep_their_weights():
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(text_config("llama"))
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    model = LeanVLMForConditionalGeneration.from_parts(llm, vision_config("siglip"), decoder="himix")
+    after = model.language_model.state_dict()
+    for name, tensor in before.items():
+        if "embed_tokens" in name or "lm_head" in name:  # one row added for <image>
+            assert torch.equal(after[name][: tensor.shape[0]], tensor)
+        else:
+            assert torch.equal(after[name], tensor), name
+
+
+def test_image_token_comes_from_the_tokenizer_or_is_appended():
+    model = build("vanilla")
+    vocab = text_config().vocab_size
+    assert model.config.image_token_id == vocab  # appended after the vocabulary
+    assert model.get_input_embeddings().num_embeddings == vocab + 1
+
+    class Tokenizer:  # the two methods from_parts uses, as a PreTrainedTokenizer has them
+        def __init__(self):
+            self.vocab = {"a": 0, "<image>": 42}
+
+        def get_vocab(self):
+            return self.vocab
+
+        def add_tokens(self, tokens, special_tokens=False):
+            for token in tokens:
+                self.vocab[str(token)] = len(self.vocab)
+
+        def convert_tokens_to_ids(self, token):
+            return self.vocab[token]
+
+    model = LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), tokenizer=Tokenizer())
+    assert model.config.image_token_id == 42
+    assert model.get_input_embeddings().num_embeddings == vocab  # 42 already fits
+    tokenizer = Tokenizer()
+    del tokenizer.vocab["<image>"]
+    model = LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), tokenizer=tokenizer)
+    assert model.config.image_token_id == 1 and tokenizer.vocab["<image>"] == 1
+
+
+def test_options_are_config_fields_and_the_encoder_is_frozen_by_default():
+    model = build("vanilla", vision="clip", connector_type="linear", vision_feature_layer=-1,
+                  vision_feature_select="full")
+    assert model.config.connector_type == "linear" and model.config.vision_feature_layer == -1
+    assert model.encode_images(pixels(1)).tokens.shape[1] == 17  # CLS kept with "full"
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    trainable = build("vanilla", freeze_vision=False)
+    assert all(p.requires_grad for p in trainable.vision_model.parameters())
+
+
+@pytest.mark.parametrize("vision,tokens", [("siglip", 16), ("clip", 16), ("dinov2", 16)])
+def test_patch_select_drops_the_cls_token_only_when_there_is_one(vision, tokens):
+    model = build("vanilla", vision=vision)
+    assert model.encode_images(pixels(2)).tokens.shape[:2] == (2, tokens)
