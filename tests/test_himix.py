@@ -49,6 +49,9 @@ def reference_logits(model, text_ids, vision_per_layer):
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         causal = torch.ones(m, m, dtype=torch.bool).tril()
+        window = getattr(llm.config, "sliding_window", None)  # Mistral: text keys only, never the vision keys
+        if window is not None:
+            causal &= ~torch.ones(m, m, dtype=torch.bool).tril(-window)
         allowed = torch.cat([torch.ones(m, n, dtype=torch.bool), causal], dim=1)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, m, -1)
@@ -78,6 +81,16 @@ def test_logits_equal_explicit_reference(family):
     ]
     for b, reference in enumerate(expected):
         torch.testing.assert_close(out.logits[b, out.attention_mask[b]], reference, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_never_hides_vision_keys():
+    model = build("himix", "mistral")  # sliding_window = 7
+    images = pixels(1)
+    text = list(range(3, 23))  # 20 text tokens, well past the window
+    with torch.no_grad():
+        out = model(torch.tensor([prompt(model, "<image>", *text)]), pixel_values=images).logits[0]
+    vision = [vision_hidden(model, images, -2)[0]] * len(model.decoder.vision_kv)
+    torch.testing.assert_close(out, reference_logits(model, text, vision), atol=1e-5, rtol=0)
 
 
 def test_text_only_sample_equals_plain_llm():
