@@ -50,6 +50,12 @@ def test_cached_decoding_equals_full_recomputation(decoder):
         full_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], dim=1)
         full = model(full_ids, full_mask, pixel_values=images).logits[:, -5:]
     torch.testing.assert_close(torch.stack(step_logits, dim=1), full, atol=1e-4, rtol=0)
+    # longest prompt: its placeholder becomes 16 vision tokens (vanilla) or 16 prefix keys in front of the text
+    # (himix); then 4 decoded tokens
+    text = model.config.text_config
+    slots = (ids.shape[1] - 1) + 16 + 4
+    assert cache.length == slots
+    assert cache.nbytes() == 2 * text.num_hidden_layers * 3 * text.num_key_value_heads * slots * text.head_dim * 4
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

@@ -162,3 +162,24 @@ def test_loss_trains_vision_kv_and_never_the_frozen_encoder():
     logits = out.logits[0].detach()
     expected = torch.nn.functional.cross_entropy(logits[0:3], torch.tensor([7, 8, 9]))
     torch.testing.assert_close(out.loss.detach(), expected)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
+    import leanvlm.decoders.base as base
+
+    calls = []
+    real_checkpoint = base.checkpoint
+    monkeypatch.setattr(base, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    ids = torch.tensor([[5, 96, 7, 8, 9, 10]])
+    grads = []
+    for checkpointing in (False, True):
+        model = build("himix").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        loss = model(ids, pixel_values=pixels(1), labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
+    assert len(calls) == 3  # one checkpointed segment per decoder layer, only when enabled
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for with_ckpt, without in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(with_ckpt, without)

@@ -10,7 +10,8 @@ app = typer.Typer(help="Vision-language models that spend little decoder compute
 @app.callback(invoke_without_command=True)
 def main(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
+        info()
+        typer.echo("Run `leanvlm --help` for the commands.")
 
 
 @app.command()
