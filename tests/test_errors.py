@@ -56,3 +56,37 @@ def test_image_context_must_come_from_the_same_decoder():
         himix(ids, image_context=context)
     with pytest.raises(ValueError, match="either pixel_values or image_context"):
         vanilla(ids, pixel_values=pixels(1), image_context=context)
+
+
+def test_prompts_the_decoder_cannot_read():
+    himix = build("himix")
+    with pytest.raises(ValueError, match=r"Sample\(s\) \[1\] have no tokens.*at least one text token"):
+        himix(torch.tensor([prompt(himix, 5, "<image>"), prompt(himix, 0, "<image>")]),
+              torch.tensor([[1, 1], [0, 1]]), pixel_values=pixels(2))
+    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, length\) tensor"):
+        himix(torch.tensor([5, 6, 7]))
+    with pytest.raises(TypeError, match="ImageContext"):
+        himix(torch.tensor([prompt(himix, 5, "<image>")]), image_context=torch.zeros(1, 3))
+
+
+def test_continuation_misuse():
+    from leanvlm import KVCache
+
+    model = build("vanilla")
+    cache = KVCache(model.config.text_config.num_hidden_layers)
+    model(torch.tensor([[5, 6, 7]]), past_key_values=cache)
+    with pytest.raises(ValueError, match="first forward of a cache"):
+        model(torch.tensor([[8]]), pixel_values=pixels(1), past_key_values=cache)
+    with pytest.raises(ValueError, match="labels need the whole sequence"):
+        model(torch.tensor([[8]]), labels=torch.tensor([[8]]), past_key_values=cache)
+    with pytest.raises(ValueError, match="holds 1 sample"):
+        model(torch.tensor([[8], [9]]), past_key_values=cache)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(torch.tensor([[5, 6]]), labels=torch.tensor([[5, 6]]), logits_to_keep=1)
+
+
+def test_option_values_are_checked_when_the_model_is_built():
+    with pytest.raises(ValueError, match="Vision feature layer -9 does not exist.*4 hidden states"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), vision_feature_layer=-9)
+    with pytest.raises(ValueError, match="himix option"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), himix_feature_layers=[-1])

@@ -124,3 +124,37 @@ def test_generation_stops_when_every_sample_has_ended():
     first = model.generate(ids, pixel_values=pixels(1), max_new_tokens=1, eos_token_id=[])[0, -1].item()
     out = model.generate(ids, pixel_values=pixels(1), max_new_tokens=10, eos_token_id=first)
     assert out.shape[1] == ids.shape[1] + 1
+
+
+def test_generation_stops_at_any_eos_of_the_generation_config():
+    model = build("himix")
+    ids = torch.tensor([prompt(model, 5, "<image>", 7)])
+    first = model.generate(ids, pixel_values=pixels(1), max_new_tokens=1, eos_token_id=[])[0, -1].item()
+    model.generation_config.eos_token_id = [first + 1 if first < 90 else 3, first]
+    assert model.generate(ids, pixel_values=pixels(1), max_new_tokens=10).shape[1] == ids.shape[1] + 1
+
+
+def test_a_masked_continuation_token_does_not_advance_the_position():
+    model = build("vanilla", "llama")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        cache = KVCache(model.config.text_config.num_hidden_layers)
+        model(ids, past_key_values=cache)
+        model(torch.tensor([[11], [12]]), torch.tensor([[1], [0]]), past_key_values=cache)  # sample 1: padding
+        step = model(torch.tensor([[13], [14]]), past_key_values=cache).logits[:, -1]
+        full = model(torch.tensor([[5, 6, 7, 11, 13], [0, 8, 9, 10, 14]]),
+                     torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+
+
+def test_a_hand_written_decode_loop_grows_the_cache_geometrically():
+    model = build("vanilla")
+    cache = KVCache(model.config.text_config.num_hidden_layers)
+    capacities = []
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        for token in range(20, 52):
+            model(torch.tensor([[token]]), past_key_values=cache)
+            capacities.append(cache.keys[0].shape[2])
+    assert cache.length == 35
+    assert len(set(capacities)) <= 5  # 3 -> 6 -> 12 -> 24 -> 48, not one reallocation per token

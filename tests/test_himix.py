@@ -165,11 +165,11 @@ def test_loss_trains_vision_kv_and_never_the_frozen_encoder():
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
-    import leanvlm.decoders.base as base
+    import leanvlm.decoders.runner as runner
 
     calls = []
-    real_checkpoint = base.checkpoint
-    monkeypatch.setattr(base, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    real_checkpoint = runner.checkpoint
+    monkeypatch.setattr(runner, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     ids = torch.tensor([[5, 96, 7, 8, 9, 10]])
     grads = []
     for checkpointing in (False, True):

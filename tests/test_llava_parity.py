@@ -38,6 +38,7 @@ def test_vanilla_logits_equal_hf_llava(vision, strategy, tokens_per_image):
     llava = tiny_llava(vision, strategy)
     ours = LeanVLMForConditionalGeneration.from_llava(llava).eval()
     assert ours.config.image_token_id == IMAGE_ID
+    assert ours.language_model.lm_head.weight is llava.lm_head.weight  # imported without a copy
     ids = [[5, IMAGE_ID, 7, 8, 9], [11, IMAGE_ID, 12, 13, 14]]
     images = pixels(2)
     with torch.no_grad():

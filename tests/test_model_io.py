@@ -103,3 +103,28 @@ def test_options_are_config_fields_and_the_encoder_is_frozen_by_default():
 def test_patch_select_drops_the_cls_token_only_when_there_is_one(vision, tokens):
     model = build("vanilla", vision=vision)
     assert model.encode_images(pixels(2)).tokens.shape[:2] == (2, tokens)
+
+
+@pytest.mark.parametrize("decoder", ["vanilla", "himix"])
+def test_new_modules_follow_the_llm_dtype_and_mixed_dtypes_generate(decoder):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(text_config("qwen2")).to(torch.bfloat16)  # as a bf16 checkpoint loads
+    model = LeanVLMForConditionalGeneration.from_parts(llm, vision_config(), decoder=decoder).eval()
+    assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
+    assert next(model.vision_model.parameters()).dtype == torch.float32
+    ids = torch.tensor([prompt(model, 5, "<image>", 7)])
+    out = model.generate(ids, pixel_values=pixels(1), max_new_tokens=3, eos_token_id=[])
+    # an fp32 image context (e.g. encoded by an fp32 copy of the model) is cast to the text dtype, cache included
+    context = model.encode_images(pixels(1)).to(torch.float32)
+    assert torch.equal(model.generate(ids, image_context=context, max_new_tokens=3, eos_token_id=[]), out)
+
+
+def test_generation_config_of_the_llm_is_kept_and_saved(tmp_path):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(text_config("llama"))
+    llm.generation_config.eos_token_id = [2, 7]  # e.g. end-of-text and end-of-turn of an instruct model
+    model = LeanVLMForConditionalGeneration.from_parts(llm, vision_config())
+    assert model.generation_config.eos_token_id == [2, 7]
+    model.save_pretrained(tmp_path)
+    loaded = LeanVLMForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.generation_config.eos_token_id == [2, 7]

@@ -88,7 +88,18 @@ class LeanVLMConfig(PreTrainedConfig):
                 f"vision_feature_layer must be one int (got {self.vision_feature_layer!r}); for several encoder "
                 "layers with the himix decoder use himix_feature_layers=[...]."
             )
+        num_states = getattr(self.vision_config, "num_hidden_layers", None)
+        if num_states is not None:  # hidden_states holds the embeddings plus one state per encoder layer
+            num_states += 1
+            for layer in [self.vision_feature_layer, *(self.himix_feature_layers or [])]:
+                if isinstance(layer, int) and not -num_states <= layer < num_states:
+                    raise ValueError(
+                        f"Vision feature layer {layer} does not exist: the encoder returns {num_states} hidden "
+                        f"states (valid indices {-num_states}..{num_states - 1})."
+                    )
         if self.himix_feature_layers is not None:
+            if self.decoder != "himix":
+                raise ValueError(f"himix_feature_layers is a himix option; this config's decoder is {self.decoder!r}.")
             layers = list(self.himix_feature_layers)
             if not layers or not all(isinstance(x, int) for x in layers):
                 raise ValueError(f"himix_feature_layers must be a non-empty list of ints, got {layers!r}.")

@@ -41,15 +41,18 @@ def generate(
     """Generate up to `max_new_tokens` for every prompt of a (left-padded) batch.
 
     Returns `input_ids` followed by the new tokens, (B, L + n); a sample that produced an end-of-sequence token is
-    filled with `pad_token_id` afterwards. Defaults for eos/pad come from the language model's config.
+    filled with `pad_token_id` afterwards. Defaults for eos/pad come from the model's generation config (the LLM's,
+    with e.g. an instruct model's end-of-turn ids), then from the language model's config.
     `streamer` follows transformers' streamer protocol (`put`, `end`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    text_config = model.config.text_config
-    eos = _as_list(eos_token_id if eos_token_id is not None else text_config.eos_token_id)
+    defaults = [model.generation_config, model.config.text_config]  # the LLM's generation config comes first
+    if eos_token_id is None:
+        eos_token_id = next((c.eos_token_id for c in defaults if c.eos_token_id is not None), None)
+    eos = _as_list(eos_token_id)
     if pad_token_id is None:
-        pad_token_id = text_config.pad_token_id if text_config.pad_token_id is not None else (eos[0] if eos else 0)
+        pad_token_id = next((c.pad_token_id for c in defaults if c.pad_token_id is not None), eos[0] if eos else 0)
     warpers = LogitsProcessorList()
     if do_sample:
         if temperature != 1.0:
@@ -83,7 +86,7 @@ def generate(
         finished |= torch.isin(next_tokens, eos_tensor)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        logits = model(next_tokens[:, None], past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = model.decode_step(next_tokens, cache)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -13,14 +13,15 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    GenerationConfig,
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers.utils import GENERATION_CONFIG_NAME
 from transformers import initialization as init
-from transformers.tokenization_utils_base import AddedToken
 from transformers.utils import ModelOutput
 
-from leanvlm.config import IMAGE_TOKEN, LeanVLMConfig
+from leanvlm.config import LeanVLMConfig
 from leanvlm.decoders import build_decoder
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
@@ -28,10 +29,11 @@ from leanvlm.decoders.base import (
     ImageContext,
     assign_images,
     positions_from_valid,
-    run_decoder,
 )
 from leanvlm.decoders.cache import KVCache
+from leanvlm.decoders.runner import run_decoder
 from leanvlm.llm import check_supported_text_config, decoder_layers
+from leanvlm.processing import ensure_image_token
 from leanvlm.vision import encode_features
 
 
@@ -52,7 +54,19 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "leanvlm"
     supports_gradient_checkpointing = True
     input_modalities = ("image", "text")
-    _supports_sdpa = True
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        # leanvlm has its own `generate`; this gives the model a `generation_config`, saved with it.
+        return True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # transformers reads generation_config.json only for GenerationMixin models; read it here.
+        if os.path.isfile(os.path.join(str(pretrained_model_name_or_path), GENERATION_CONFIG_NAME)):
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
+        return model
 
     def _init_weights(self, module):
         # New vision-side modules (connector, HiMix vision K/V): as the LLM's own `_init_weights` would.
@@ -73,7 +87,9 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         given = [part for part in (language_model, vision_model) if part is not None]
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.vision_model = vision_model or AutoModel.from_config(config.vision_config)
-        self.decoder = build_decoder(config, self.language_model)
+        # New vision-side modules live where the LLM lives, in its dtype.
+        reference = self.language_model.get_input_embeddings().weight
+        self.decoder = build_decoder(config, self.language_model).to(device=reference.device, dtype=reference.dtype)
         for part in given:  # pretrained parts keep their weights through `post_init`
             for module in part.modules():
                 module._is_hf_initialized = True
@@ -107,9 +123,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         language_model = _load_language_model(language_model, dtype)
         vision_model = _load_vision_model(vision_model, dtype)
         if image_token_id is None and tokenizer is not None:
-            if IMAGE_TOKEN not in tokenizer.get_vocab():
-                tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            image_token_id = ensure_image_token(tokenizer)
         vocab_rows = language_model.get_input_embeddings().num_embeddings
         if image_token_id is None:
             image_token_id = vocab_rows
@@ -123,12 +137,14 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             **options,
         )
         model = cls(config, language_model=language_model, vision_model=vision_model)
+        if getattr(language_model, "generation_config", None) is not None:  # e.g. an instruct model's end-of-turn ids
+            model.generation_config = copy.deepcopy(language_model.generation_config)
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
     def from_llava(cls, llava) -> LeanVLMForConditionalGeneration:
         """Import a Hugging Face `LlavaForConditionalGeneration` (object or local directory) as a `vanilla` model
-        with the same weights and the same outputs."""
+        with the same outputs. The result shares the Llava model's weights (no copy, same device and dtype)."""
         from transformers import LlavaForConditionalGeneration
 
         if isinstance(llava, (str, os.PathLike)):
@@ -140,8 +156,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
                 "leanvlm's vanilla decoder takes one vision_feature_layer."
             )
         config = LeanVLMConfig(
-            text_config=copy.deepcopy(source.text_config),
-            vision_config=copy.deepcopy(source.vision_config),
+            text_config=source.text_config,
+            vision_config=source.vision_config,
             decoder="vanilla",
             image_token_id=source.image_token_id,
             vision_feature_layer=source.vision_feature_layer,
@@ -150,23 +166,13 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             connector_act=source.projector_hidden_act,
             connector_bias=source.multimodal_projector_bias,
         )
-        model = cls(config)
-        renames = {
-            "model.vision_tower.": "vision_model.",
-            "model.multi_modal_projector.": "decoder.connector.",
-            "model.language_model.": "language_model.model.",
-            "lm_head.": "language_model.lm_head.",
-        }
-        state = {}
-        for name, tensor in llava.state_dict().items():
-            prefix = next((p for p in renames if name.startswith(p)), None)
-            if prefix is None:
-                raise ValueError(f"Unexpected Llava weight {name!r}; cannot map it onto a leanvlm model.")
-            state[renames[prefix] + name[len(prefix) :]] = tensor
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"The Llava checkpoint lacks weights leanvlm needs: {missing}")
-        return model.to(next(llava.parameters()).dtype)
+        with torch.device("meta"):  # an empty causal-LM shell around Llava's own decoder and head
+            language_model = AutoModelForCausalLM.from_config(source.text_config)
+        language_model.model, language_model.lm_head = llava.model.language_model, llava.lm_head
+        model = cls(config, language_model=language_model, vision_model=llava.model.vision_tower)
+        model.decoder.connector.load_state_dict(llava.model.multi_modal_projector.state_dict())
+        model.generation_config = copy.deepcopy(llava.generation_config)
+        return model
 
     # ------------------------------------------------------------------ running
     def train(self, mode: bool = True):
@@ -209,15 +215,25 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         positions only (0 = all)."""
         if kwargs:
             raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}.")
+        valid = _valid_mask(input_ids, attention_mask)
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
+                )
+            if logits_to_keep:
+                raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
         cache = past_key_values
         if cache is not None and cache.length:
-            inputs = self._continuation_inputs(input_ids, attention_mask, cache, labels)
+            self._check_continuation(input_ids, pixel_values, image_context, labels, cache)
+            inputs = self._continuation_inputs(input_ids, valid, cache)
         else:
-            inputs = self._prefill_inputs(input_ids, attention_mask, pixel_values, image_context, labels)
+            inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_context, labels)
             if cache is None and use_cache:
                 cache = KVCache(len(decoder_layers(self.language_model)))
+        return self._run(inputs, cache, logits_to_keep)
+
+    def _run(self, inputs: DecoderInputs, cache: KVCache | None, logits_to_keep: int = 0) -> LeanVLMOutput:
         hidden = run_decoder(
             self.language_model,
             self.decoder,
@@ -229,38 +245,59 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.language_model.lm_head(hidden)
         loss = None
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
+        if inputs.labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
         return LeanVLMOutput(loss=loss, logits=logits, past_key_values=cache, attention_mask=inputs.valid)
 
-    def _prefill_inputs(self, input_ids, attention_mask, pixel_values, image_context, labels) -> DecoderInputs:
+    def _prefill_inputs(self, input_ids, valid, pixel_values, image_context, labels) -> DecoderInputs:
         if pixel_values is not None and image_context is not None:
             raise ValueError("Pass either pixel_values or image_context, not both.")
         if image_context is None and pixel_values is not None:
             image_context = self.encode_images(pixel_values)
-        if image_context is not None and image_context.decoder != self.config.decoder:
-            raise ValueError(
-                f"This image_context was encoded for the {image_context.decoder!r} decoder; this model runs "
-                f"{self.config.decoder!r}. Encode the images with this model's encode_images()."
-            )
-        valid = _valid_mask(input_ids, attention_mask)
+        if image_context is not None:
+            if not isinstance(image_context, ImageContext):
+                raise TypeError(
+                    f"image_context must be the ImageContext that model.encode_images() returns, got "
+                    f"{type(image_context).__name__}."
+                )
+            if image_context.decoder != self.config.decoder:
+                raise ValueError(
+                    f"This image_context was encoded for the {image_context.decoder!r} decoder; this model runs "
+                    f"{self.config.decoder!r}. Encode the images with this model's encode_images()."
+                )
+            image_context = image_context.to(self.get_input_embeddings().weight.device)
         num_images = len(image_context) if image_context is not None else 0
         images = assign_images(input_ids, valid, self.config.image_token_id, num_images)
-        return self.decoder.build_inputs(
+        inputs = self.decoder.build_inputs(
             self.get_input_embeddings(), input_ids, valid, self.config.image_token_id, images, image_context, labels
         )
+        empty = (~inputs.valid.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"Sample(s) {empty} have no tokens for the decoder to read"
+                + (" (with himix, a prompt needs at least one text token besides <image>, e.g. BOS)." if
+                   self.config.decoder == "himix" else ".")
+            )
+        return inputs
 
-    def _continuation_inputs(self, input_ids, attention_mask, cache: KVCache, labels) -> DecoderInputs:
-        if (input_ids == self.config.image_token_id).any():
+    def _check_continuation(self, input_ids, pixel_values, image_context, labels, cache: KVCache) -> None:
+        if pixel_values is not None or image_context is not None or (input_ids == self.config.image_token_id).any():
             raise ValueError("Images can only be given with the first forward of a cache (the prefill).")
-        valid = _valid_mask(input_ids, attention_mask)
-        return DecoderInputs(
-            self.get_input_embeddings()(input_ids), positions_from_valid(valid, cache.next_position), valid, labels
-        )
+        if labels is not None:
+            raise ValueError("labels need the whole sequence: compute the loss in one forward, without a cache.")
+        if input_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"The cache holds {cache.batch_size} sample(s) but input_ids has {input_ids.shape[0]}.")
+
+    def _continuation_inputs(self, input_ids, valid, cache: KVCache) -> DecoderInputs:
+        embeds = self.get_input_embeddings()(input_ids)
+        return DecoderInputs(embeds, positions_from_valid(valid, cache.next_position), valid)
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One generation step for every sample: tokens (B,) -> next-token logits (B, vocab). No input checks."""
+        valid = torch.ones_like(tokens[:, None], dtype=torch.bool)
+        return self._run(self._continuation_inputs(tokens[:, None], valid, cache), cache, logits_to_keep=1).logits[:, -1]
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_context=None, **kwargs):
         """Batched generation with a KV cache; returns prompt + new tokens (see `leanvlm.generation.generate`)."""
@@ -270,6 +307,9 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
 
 
 def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}.")
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:

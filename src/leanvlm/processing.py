@@ -37,18 +37,22 @@ def default_image_processor(vision_config):
     )
 
 
+def ensure_image_token(tokenizer) -> int:
+    """Add `<image>` to the tokenizer when missing (special, so it is never split or merged); return its id."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
 class LeanVLMProcessor:
     def __init__(self, tokenizer, image_processor, image_token_id: int | None = None):
-        if IMAGE_TOKEN not in tokenizer.get_vocab():
-            # Special, so it is never split or merged with its neighbours.
-            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        self.tokenizer_image_id = ensure_image_token(tokenizer)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.tokenizer_image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_token_id = self.tokenizer_image_id if image_token_id is None else image_token_id
 
     @classmethod

@@ -46,14 +46,34 @@ def build_mask(
 
 
 def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | str | None, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | str | None,
+    scale: float,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Scaled dot-product attention. query (B, H, T, D); key/value (B, H_kv, K, D) with H a multiple of H_kv
-    (grouped-query attention without materialising repeated K/V); mask from `build_mask`."""
-    gqa = query.shape[1] != key.shape[1]
-    if isinstance(mask, str):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    """Scaled dot-product attention. query (B, H, T, D); key/value (B, H_kv, K, D) with H a multiple of H_kv;
+    mask from `build_mask`.
+
+    Grouped-query attention runs without materialising repeated K/V, except on accelerators with an explicit mask,
+    where SDPA would fall back to its slow math kernel for the grouped layout: there repeating K/V is the faster path.
+    """
+    groups = query.shape[1] // key.shape[1]
+    explicit_mask = isinstance(mask, torch.Tensor)
+    if groups > 1 and explicit_mask and query.device.type != "cpu":
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        groups = 1
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask if explicit_mask else None,
+        dropout_p=dropout,
+        is_causal=isinstance(mask, str),
+        scale=scale,
+        enable_gqa=groups > 1,
+    )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

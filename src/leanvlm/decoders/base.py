@@ -1,5 +1,4 @@
-"""What every decoder policy shares: its interface, the image context, sequence assembly helpers, and the layer runner
-that drives the Hugging Face LLM's own decoder-layer submodules."""
+"""What every decoder policy shares: its interface, the image context, and the helpers that lay out a batch."""
 
 from __future__ import annotations
 
@@ -7,11 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from leanvlm.decoders.attention import apply_rope, attend, build_mask
-from leanvlm.decoders.cache import KVCache
-from leanvlm.llm import decoder_layers, sliding_window
 
 IGNORE_INDEX = -100
 
@@ -122,72 +116,3 @@ def positions_from_valid(valid: torch.Tensor, start: torch.Tensor | None = None)
     """Positions that count only valid tokens (padding gets the position of its neighbour; it is masked)."""
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     return positions if start is None else positions + start[:, None]
-
-
-def layer_forward(layer: nn.Module, hidden, cos, sin, mask, kv_store, layer_idx: int) -> torch.Tensor:
-    """One pre-norm decoder layer, run from the HF layer's own submodules: the queries are `hidden`'s tokens; the
-    keys/values are whatever `kv_store` returns around this layer's new text keys (cache, vision prefix)."""
-    attn = layer.self_attn
-    batch, length, _ = hidden.shape
-    head_shape = (batch, length, -1, attn.head_dim)
-    normed = layer.input_layernorm(hidden)
-    query = attn.q_proj(normed).view(head_shape)
-    key = attn.k_proj(normed).view(head_shape)
-    value = attn.v_proj(normed).view(head_shape)
-    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
-        query, key = attn.q_norm(query), attn.k_norm(key)
-    query = apply_rope(query.transpose(1, 2), cos, sin)  # (B, H, T, D)
-    key = apply_rope(key.transpose(1, 2), cos, sin)
-    key, value = kv_store(layer_idx, key, value.transpose(1, 2))
-    out = attend(query, key, value, mask, attn.scaling)
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
-
-def run_decoder(
-    language_model: nn.Module,
-    policy: DecoderPolicy,
-    inputs: DecoderInputs,
-    cache: KVCache | None = None,
-    gradient_checkpointing: bool = False,
-) -> torch.Tensor:
-    """Run every decoder layer and the final norm; return hidden states (B, T, d)."""
-    hidden = inputs.inputs_embeds
-    cos, sin = language_model.model.rotary_emb(hidden, inputs.position_ids)
-    prefix = inputs.prefix
-    if cache is not None:
-        if prefix is not None:
-            cache.write_prefix(prefix.valid, zip(prefix.keys, prefix.values))
-        cache.begin(inputs.valid)
-        key_valid, prefix_len, kv_store = cache.key_valid, cache.prefix_len, cache.update
-    elif prefix is not None:
-        key_valid = torch.cat([prefix.valid, inputs.valid], dim=1)
-        prefix_len = prefix.valid.shape[1]
-
-        def kv_store(layer_idx, key, value):
-            return (
-                torch.cat([prefix.keys[layer_idx].to(key.dtype), key], dim=2),
-                torch.cat([prefix.values[layer_idx].to(value.dtype), value], dim=2),
-            )
-
-    else:
-        key_valid, prefix_len = inputs.valid, 0
-
-        def kv_store(layer_idx, key, value):
-            return key, value
-
-    masks: dict[int | None, object] = {}
-    num_queries = hidden.shape[1]
-    for layer_idx, layer in enumerate(decoder_layers(language_model)):
-        window = sliding_window(language_model, layer_idx)
-        if window not in masks:
-            masks[window] = policy.build_mask(key_valid, num_queries, prefix_len, window)
-        args = (layer, hidden, cos, sin, masks[window], kv_store, layer_idx)
-        if gradient_checkpointing and cache is None and torch.is_grad_enabled():
-            hidden = checkpoint(layer_forward, *args, use_reentrant=False)
-        else:
-            hidden = layer_forward(*args)
-    if cache is not None:
-        cache.end()
-        cache.next_position = inputs.position_ids[:, -1] + 1
-    return language_model.model.norm(hidden)

@@ -12,8 +12,7 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, reserve: int = 0):
-        self.num_layers = num_layers
-        self.reserve = reserve  # extra slots to allocate at first write (e.g. max_new_tokens)
+        self.reserve = reserve  # extra slots to allocate with the first block (e.g. max_new_tokens)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_valid: torch.Tensor | None = None  # (B, length) bool
@@ -21,18 +20,23 @@ class KVCache:
         self.length = 0  # filled slots
         self.next_position: torch.Tensor | None = None  # (B,) next text position per sample
         self._start = 0  # first slot of the block being written
+        self._upcoming = 0  # slots known to follow the open block (text after a prefix)
 
     @property
-    def text_length(self) -> int:
-        return self.length - self.prefix_len
+    def batch_size(self) -> int | None:
+        return None if self.key_valid is None else self.key_valid.shape[0]
 
-    def begin(self, valid: torch.Tensor) -> None:
-        """Open a block of `valid.shape[1]` new slots; every layer then writes it with `update`."""
-        self._start = self.length
+    def begin(self, valid: torch.Tensor, upcoming: int = 0) -> None:
+        """Open a block of `valid.shape[1]` new slots, which every layer then writes with `update`. `upcoming`
+        slots are known to follow, so the first allocation can make room for them too."""
+        self._start, self._upcoming = self.length, upcoming
         self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
 
-    def end(self) -> None:
+    def end(self, valid: torch.Tensor) -> None:
+        """Close the block; positions advance by the valid tokens it held."""
         self.length = self.key_valid.shape[1]
+        counted = valid.sum(dim=1)
+        self.next_position = counted if self.next_position is None else self.next_position + counted
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write key/value (B, H_kv, T, D) into the open block; return all keys/values so far (views)."""
@@ -45,18 +49,20 @@ class KVCache:
         buf_v[:, :, self._start : stop] = value
         return buf_k[:, :, :stop], buf_v[:, :, :stop]
 
-    def write_prefix(self, valid: torch.Tensor, layer_kv) -> None:
-        """Store position-free prefix keys (B, P) in front of any text: `layer_kv` yields (key, value) per layer."""
+    def write_prefix(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, upcoming: int) -> None:
+        """Store position-free prefix keys/values (num_layers, B, H_kv, P, D) in front of any text."""
         if self.length:
             raise RuntimeError("the prefix must be written before any text")
-        self.begin(valid)
-        for layer_idx, (key, value) in enumerate(layer_kv):
-            self.update(layer_idx, key, value)
-        self.end()
-        self.prefix_len = self.length
+        self.begin(valid, upcoming)
+        for layer_idx in range(len(self.keys)):
+            self.update(layer_idx, keys[layer_idx], values[layer_idx])
+        self.length = self.prefix_len = valid.shape[1]
 
     def _grow(self, buf: torch.Tensor | None, like: torch.Tensor, needed: int) -> torch.Tensor:
-        capacity = needed + self.reserve
+        if buf is None:
+            capacity = needed + self._upcoming + self.reserve
+        else:  # geometric growth keeps a hand-written decode loop linear in time
+            capacity = max(needed, 2 * buf.shape[2])
         new = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3])
         if buf is not None:
             new[:, :, : self._start] = buf[:, :, : self._start]

@@ -98,10 +98,9 @@ class HiMixDecoder(DecoderPolicy):
         kv = tokens.new_zeros(num_layers, 2, batch, num_kv_heads, prefix_len, head_dim)
         valid = torch.zeros(batch, prefix_len, dtype=torch.bool, device=tokens.device)
         for b, images in enumerate(images_per_sample):
-            if images:
-                sample = tokens[images].permute(1, 2, 3, 0, 4, 5).reshape(num_layers, 2, num_kv_heads, -1, head_dim)
-                kv[:, :, b, :, : lengths[b]] = sample
-                valid[b, : lengths[b]] = True
+            for slot, image in enumerate(images):
+                kv[:, :, b, :, slot * per_image : (slot + 1) * per_image] = tokens[image]
+            valid[b, : lengths[b]] = True
         return VisionPrefix(valid, kv[:, 0], kv[:, 1])
 
     def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
