@@ -40,8 +40,8 @@ def test_unsupported_language_model_family_names_the_supported_ones():
 
 
 def test_unknown_option_and_missing_directory():
-    with pytest.raises(TypeError, match="proxyv_start_layer"):
-        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), proxyv_start_layer=2)
+    with pytest.raises(TypeError, match="fastv_keep_ratio"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), fastv_keep_ratio=0.5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LeanVLMForConditionalGeneration.from_parts("/nonexistent/llm", vision_config())
     with pytest.raises(ValueError, match="vision_feature_select"):

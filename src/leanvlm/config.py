@@ -44,9 +44,33 @@ class LeanVLMConfig(PreTrainedConfig):
     connector_act: str = "gelu"
     connector_bias: bool = True
 
+    # Multi-crop (AnyRes) images: at most `max_crops` crops per image (base view + sub-crops); 1 = single crop.
+    max_crops: int = 1
+    # Candidate high-resolution grids in pixels [[width, height], ...]; None = 1x2, 2x1, 2x2, 3x1, 1x3 crops.
+    image_grid_pinpoints: list[list[int]] | None = None
+    # vanilla/proxyv: a learned newline embedding after each crop's tokens. None = on iff max_crops > 1 (single-crop
+    # images then keep the LLaVA-1.5 layout).
+    image_newline: bool | None = None
+
     # himix: vision-encoder layers mapped onto consecutive groups of decoder layers (None = `vision_feature_layer`
     # for every decoder layer, as in the paper).
     himix_feature_layers: list[int] | None = None
+
+    # proxyv: from decoder layer `proxyv_start_layer` (None = the middle layer) on, proxy tokens (each crop's grid
+    # reduced `proxyv_reduce_factor` times per side) replace the full vision tokens as queries and in the FFN; the
+    # full tokens get a per-layer guided update MLP of width `proxyv_mlp_width` (None = d/4 if d >= 1024 else d/2).
+    proxyv_start_layer: int | None = None
+    proxyv_reduce_factor: int = 4
+    proxyv_proxy_init: str = "spatial"  # "spatial": bilinear down-sampling; "learned": learnable queries
+    proxyv_mlp_width: int | None = None
+
+    # Redundancy probes on the vanilla decoder (None = off), each from the given decoder layer on: vision queries
+    # cannot see vision keys; vision tokens take no attention update; vision tokens skip the FFN, or with
+    # `probe_vision_light_mlp` skip attention and FFN for a trainable d -> d/4 -> d/4 -> d MLP (residual + RMSNorm).
+    probe_mask_vision_to_vision_from_layer: int | None = None
+    probe_skip_vision_attention_from_layer: int | None = None
+    probe_skip_vision_ffn_from_layer: int | None = None
+    probe_vision_light_mlp: bool = False
 
     tie_word_embeddings: bool = False
 
@@ -97,6 +121,9 @@ class LeanVLMConfig(PreTrainedConfig):
                         f"Vision feature layer {layer} does not exist: the encoder returns {num_states} hidden "
                         f"states (valid indices {-num_states}..{num_states - 1})."
                     )
+        if self.max_crops < 1:
+            raise ValueError(f"max_crops must be >= 1, got {self.max_crops}.")
+        self._validate_proxyv_and_probes()
         if self.himix_feature_layers is not None:
             if self.decoder != "himix":
                 raise ValueError(f"himix_feature_layers is a himix option; this config's decoder is {self.decoder!r}.")
@@ -108,6 +135,38 @@ class LeanVLMConfig(PreTrainedConfig):
                     f"himix_feature_layers has {len(layers)} entries but the language model has only "
                     f"{self.text_config.num_hidden_layers} decoder layers to map them onto."
                 )
+
+    def _validate_proxyv_and_probes(self) -> None:
+        num_layers = self.text_config.num_hidden_layers
+        if self.decoder == "proxyv":
+            if self.proxyv_start_layer is None:
+                self.proxyv_start_layer = num_layers // 2
+            if not 0 <= self.proxyv_start_layer <= num_layers:
+                raise ValueError(
+                    f"proxyv_start_layer={self.proxyv_start_layer} must be in 0..{num_layers} (the number of layers)."
+                )
+            if self.proxyv_reduce_factor < 1:
+                raise ValueError(f"proxyv_reduce_factor must be >= 1, got {self.proxyv_reduce_factor}.")
+            if self.proxyv_proxy_init not in ("spatial", "learned"):
+                raise ValueError(f"proxyv_proxy_init={self.proxyv_proxy_init!r} is not 'spatial' or 'learned'.")
+        probes = {
+            "probe_mask_vision_to_vision_from_layer": self.probe_mask_vision_to_vision_from_layer,
+            "probe_skip_vision_attention_from_layer": self.probe_skip_vision_attention_from_layer,
+            "probe_skip_vision_ffn_from_layer": self.probe_skip_vision_ffn_from_layer,
+        }
+        used = [name for name, layer in probes.items() if layer is not None]
+        if used and self.decoder != "vanilla":
+            raise ValueError(f"{', '.join(used)} are probes of the vanilla decoder; this config runs {self.decoder!r}.")
+        for name in used:
+            if probes[name] < 0:
+                raise ValueError(f"{name} must be a layer index >= 0, got {probes[name]}.")
+        if self.probe_vision_light_mlp and self.probe_skip_vision_ffn_from_layer is None:
+            raise ValueError("probe_vision_light_mlp replaces attention + FFN of the vision tokens from "
+                             "probe_skip_vision_ffn_from_layer on; set that layer too.")
+
+    @property
+    def uses_image_newline(self) -> bool:
+        return self.image_newline if self.image_newline is not None else self.max_crops > 1
 
     @property
     def feature_layers(self) -> list[int]:

@@ -187,16 +187,34 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
-    def encode_images(self, pixel_values: torch.Tensor) -> ImageContext:
-        """Encode images once into what this decoder consumes (vanilla: projected tokens; himix: every layer's vision
-        keys/values). Pass the result as `image_context=` to `forward`/`generate` with any prompts."""
+    def encode_images(self, pixel_values: torch.Tensor, image_crops=None) -> ImageContext:
+        """Encode images once into what this decoder consumes (vanilla/proxyv: projected tokens; himix: every
+        layer's vision keys/values). `pixel_values` holds one row per crop and `image_crops` the crops per image
+        (default: one each), as the processor returns them. Pass the result as `image_context=` to
+        `forward`/`generate` with any prompts."""
+        crops = None
+        if image_crops is not None:
+            crops = [int(c) for c in torch.as_tensor(image_crops).flatten().tolist()]
+            rows = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim else 0
+            if sum(crops) != rows:
+                raise ValueError(
+                    f"image_crops declares {sum(crops)} crop(s) in total (per image: {crops}) but pixel_values "
+                    f"holds {rows}. Pass the image_crops the processor returned with these pixel_values."
+                )
+            if crops and max(crops) > self.config.max_crops:
+                raise ValueError(
+                    f"An image has {max(crops)} crops but this model takes at most max_crops={self.config.max_crops}."
+                )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             features = encode_features(
                 self.vision_model, pixel_values, self.config.feature_layers, self.config.vision_feature_select
             )
         dtype = self.get_input_embeddings().weight.dtype
         tokens = self.decoder.project_images({layer: f.to(dtype) for layer, f in features.items()})
-        return ImageContext(self.config.decoder, tokens)
+        patch = self.config.vision_config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        num_tokens = next(iter(features.values())).shape[1]
+        return ImageContext(self.config.decoder, tokens, crops, grid if grid[0] * grid[1] == num_tokens else None)
 
     def forward(
         self,
@@ -208,6 +226,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        image_crops: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
         **kwargs,
     ) -> LeanVLMOutput:
         """Prefill/training forward, or (with a filled `past_key_values`) a continuation over new text tokens, whose
@@ -228,7 +248,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             self._check_continuation(input_ids, pixel_values, image_context, labels, cache)
             inputs = self._continuation_inputs(input_ids, valid, cache)
         else:
-            inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_context, labels)
+            inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_crops, image_context, labels)
             if cache is None and use_cache:
                 cache = KVCache(len(decoder_layers(self.language_model)))
         return self._run(inputs, cache, logits_to_keep)
@@ -251,11 +271,11 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             )
         return LeanVLMOutput(loss=loss, logits=logits, past_key_values=cache, attention_mask=inputs.valid)
 
-    def _prefill_inputs(self, input_ids, valid, pixel_values, image_context, labels) -> DecoderInputs:
+    def _prefill_inputs(self, input_ids, valid, pixel_values, image_crops, image_context, labels) -> DecoderInputs:
         if pixel_values is not None and image_context is not None:
             raise ValueError("Pass either pixel_values or image_context, not both.")
         if image_context is None and pixel_values is not None:
-            image_context = self.encode_images(pixel_values)
+            image_context = self.encode_images(pixel_values, image_crops)
         if image_context is not None:
             if not isinstance(image_context, ImageContext):
                 raise TypeError(
@@ -299,10 +319,13 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         valid = torch.ones_like(tokens[:, None], dtype=torch.bool)
         return self._run(self._continuation_inputs(tokens[:, None], valid, cache), cache, logits_to_keep=1).logits[:, -1]
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_context=None, **kwargs):
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_context=None, image_crops=None,
+                 **kwargs):
         """Batched generation with a KV cache; returns prompt + new tokens (see `leanvlm.generation.generate`)."""
         from leanvlm.generation import generate
 
+        if pixel_values is not None and image_context is None:
+            image_context, pixel_values = self.encode_images(pixel_values, image_crops), None
         return generate(self, input_ids, attention_mask, pixel_values, image_context, **kwargs)
 
 

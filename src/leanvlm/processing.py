@@ -7,10 +7,12 @@ import json
 import os
 
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.tokenization_utils_base import AddedToken
 
 from leanvlm.config import IMAGE_TOKEN
+from leanvlm.crops import default_pinpoints, split_into_crops, usable_pinpoints
 
 PROCESSOR_FILE = "leanvlm_processor.json"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -45,7 +47,19 @@ def ensure_image_token(tokenizer) -> int:
 
 
 class LeanVLMProcessor:
-    def __init__(self, tokenizer, image_processor, image_token_id: int | None = None):
+    """`max_crops` > 1 turns on AnyRes multi-crop images (a base view plus up to max_crops - 1 sub-crops at a grid
+    from `image_grid_pinpoints`, in pixels); every crop is preprocessed at the encoder's input size."""
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        image_token_id: int | None = None,
+        max_crops: int = 1,
+        image_grid_pinpoints=None,
+    ):
+        if max_crops < 1:
+            raise ValueError(f"max_crops must be >= 1, got {max_crops}.")
         self.tokenizer_image_id = ensure_image_token(tokenizer)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -54,25 +68,64 @@ class LeanVLMProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = self.tokenizer_image_id if image_token_id is None else image_token_id
+        self.max_crops = max_crops
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self._crop_size = None
 
     @classmethod
-    def from_parts(cls, tokenizer, image_processor=None, image_token_id: int | None = None, vision_config=None):
+    def from_parts(
+        cls,
+        tokenizer,
+        image_processor=None,
+        image_token_id: int | None = None,
+        vision_config=None,
+        max_crops: int = 1,
+        image_grid_pinpoints=None,
+    ):
         """`image_token_id`: the model's placeholder id (`model.config.image_token_id`); without it the tokenizer's
         own `<image>` id is used. Without `image_processor`, the default one for `vision_config` is built."""
         if image_processor is None:
             if vision_config is None:
                 raise ValueError("Pass image_processor=..., or vision_config=... to build the default one.")
             image_processor = default_image_processor(vision_config)
-        return cls(tokenizer, image_processor, image_token_id)
+        return cls(tokenizer, image_processor, image_token_id, max_crops, image_grid_pinpoints)
 
     @classmethod
     def for_model(cls, model, tokenizer, image_processor=None) -> LeanVLMProcessor:
-        """The processor that matches a model: its placeholder id and (by default) its encoder's preprocessing."""
-        return cls.from_parts(tokenizer, image_processor, model.config.image_token_id, model.config.vision_config)
+        """The processor that matches a model: its placeholder id, crop settings and (by default) its encoder's
+        preprocessing."""
+        config = model.config
+        return cls.from_parts(
+            tokenizer,
+            image_processor,
+            config.image_token_id,
+            config.vision_config,
+            config.max_crops,
+            config.image_grid_pinpoints,
+        )
+
+    @property
+    def crop_size(self) -> int:
+        """Side of one preprocessed crop, as the image processor produces it."""
+        if self._crop_size is None:
+            probe = self.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"]
+            self._crop_size = int(probe.shape[-1])
+        return self._crop_size
+
+    def crops_of(self, image) -> list:
+        """The crops one image becomes: itself when max_crops is 1, else [base view, sub-crops...]."""
+        if self.max_crops == 1:
+            return [image]
+        size = self.crop_size
+        pinpoints = usable_pinpoints(self.image_grid_pinpoints or default_pinpoints(size), size, self.max_crops)
+        if not pinpoints:
+            raise ValueError(f"No grid in image_grid_pinpoints fits max_crops={self.max_crops} (base view included).")
+        return split_into_crops(image, pinpoints, size)
 
     def __call__(self, text, images=None, return_tensors: str = "pt", **tokenizer_kwargs) -> BatchFeature:
         """Tokenize prompts (left-padded) and preprocess their images, given flat in placeholder order or as one
-        list per prompt. Returns `input_ids`, `attention_mask` and, with images, `pixel_values`."""
+        list per prompt. Returns `input_ids`, `attention_mask` and, with images, `pixel_values` (one row per crop)
+        and `image_crops` (crops per image)."""
         texts = [text] if isinstance(text, str) else list(text)
         flat_images = _flatten_images(images)
         placeholders = [t.count(IMAGE_TOKEN) for t in texts]
@@ -89,7 +142,10 @@ class LeanVLMProcessor:
         input_ids[input_ids == self.tokenizer_image_id] = self.image_token_id
         data = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
         if flat_images:
-            data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt")["pixel_values"]
+            crops = [self.crops_of(image) for image in flat_images]
+            flat_crops = [crop for image_crops in crops for crop in image_crops]
+            data["pixel_values"] = self.image_processor(flat_crops, return_tensors="pt")["pixel_values"]
+            data["image_crops"] = torch.tensor([len(image_crops) for image_crops in crops])
         return BatchFeature(data, tensor_type=return_tensors)
 
     def batch_decode(self, token_ids, **kwargs) -> list[str]:
@@ -108,7 +164,13 @@ class LeanVLMProcessor:
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         with open(os.path.join(directory, PROCESSOR_FILE), "w") as f:
-            json.dump({"image_token": IMAGE_TOKEN, "image_token_id": self.image_token_id}, f, indent=2)
+            settings = {
+                "image_token": IMAGE_TOKEN,
+                "image_token_id": self.image_token_id,
+                "max_crops": self.max_crops,
+                "image_grid_pinpoints": self.image_grid_pinpoints,
+            }
+            json.dump(settings, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> LeanVLMProcessor:
@@ -121,6 +183,8 @@ class LeanVLMProcessor:
             AutoTokenizer.from_pretrained(directory),
             AutoImageProcessor.from_pretrained(directory),
             settings["image_token_id"],
+            settings.get("max_crops", 1),
+            settings.get("image_grid_pinpoints"),
         )
 
 

@@ -14,24 +14,45 @@ IGNORE_INDEX = -100
 class ImageContext:
     """Images already turned into what a decoder consumes, so any number of prompts can reuse them.
 
-    `tokens` is stacked over images: vanilla holds the projected vision tokens (n_images, N, d); himix holds every
-    layer's vision keys and values (n_images, num_layers, 2, H_kv, N, head_dim).
+    `tokens` is stacked over crops (an image has `crops[i]` consecutive rows; single-crop images have one): vanilla
+    and proxyv hold the projected vision tokens (n_crops, N, d); himix holds every layer's vision keys and values
+    (n_crops, num_layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one crop's N tokens when
+    they form one.
     """
 
     decoder: str
     tokens: torch.Tensor
+    crops: list[int] | None = None
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.crops is None:
+            self.crops = [1] * self.tokens.shape[0]
+        self.crops = [int(c) for c in self.crops]
+        if sum(self.crops) != self.tokens.shape[0] or min(self.crops, default=1) < 1:
+            raise ValueError(
+                f"The images declare {sum(self.crops)} crop(s) in total (per image: {self.crops}) but there are "
+                f"{self.tokens.shape[0]} encoded crops; every image needs at least one crop."
+            )
+        self._offsets = [0]
+        for count in self.crops:
+            self._offsets.append(self._offsets[-1] + count)
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
+        return len(self.crops)
+
+    def image(self, index: int) -> torch.Tensor:
+        """The rows of one image's crops."""
+        return self.tokens[self._offsets[index] : self._offsets[index + 1]]
 
     def __getitem__(self, index) -> ImageContext:
         """Select or repeat images, e.g. `ctx[[0, 0, 0]]` for three prompts about image 0."""
-        if isinstance(index, int):
-            index = [index]
-        return ImageContext(self.decoder, self.tokens[index])
+        indices = [index] if isinstance(index, int) else list(index)
+        rows = [row for i in indices for row in range(self._offsets[i], self._offsets[i + 1])]
+        return ImageContext(self.decoder, self.tokens[rows], [self.crops[i] for i in indices], self.grid)
 
     def to(self, *args, **kwargs) -> ImageContext:
-        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs))
+        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs), self.crops, self.grid)
 
 
 @dataclass
@@ -52,6 +73,8 @@ class DecoderInputs:
     valid: torch.Tensor  # (B, T) bool, False for padding
     labels: torch.Tensor | None = None  # (B, T), IGNORE_INDEX where no loss
     prefix: VisionPrefix | None = None
+    vision: torch.Tensor | None = None  # (B, T) bool, True for vision tokens in the sequence (vanilla/proxyv)
+    image_crops: list[list[int]] | None = None  # crops of each image of each sample, in sequence order
 
 
 class DecoderPolicy(nn.Module):

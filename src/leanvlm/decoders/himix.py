@@ -90,16 +90,19 @@ class HiMixDecoder(DecoderPolicy):
 
     @staticmethod
     def _prefix(images_per_sample: list[list[int]], context: ImageContext) -> VisionPrefix | None:
-        """Concatenate each sample's images' keys/values; a text-only sample gets no vision keys at all."""
-        tokens = context.tokens  # (n, L, 2, H_kv, N, D)
-        _, num_layers, _, num_kv_heads, per_image, head_dim = tokens.shape
-        lengths = [len(images) * per_image for images in images_per_sample]
+        """Concatenate each sample's images' crops' keys/values; a text-only sample gets no vision keys at all."""
+        tokens = context.tokens  # (n_crops, L, 2, H_kv, N, D)
+        _, num_layers, _, num_kv_heads, per_crop, head_dim = tokens.shape
+        lengths = [sum(context.crops[image] for image in images) * per_crop for images in images_per_sample]
         batch, prefix_len = len(images_per_sample), max(lengths)
         kv = tokens.new_zeros(num_layers, 2, batch, num_kv_heads, prefix_len, head_dim)
         valid = torch.zeros(batch, prefix_len, dtype=torch.bool, device=tokens.device)
         for b, images in enumerate(images_per_sample):
-            for slot, image in enumerate(images):
-                kv[:, :, b, :, slot * per_image : (slot + 1) * per_image] = tokens[image]
+            slot = 0
+            for image in images:
+                for crop in context.image(image):
+                    kv[:, :, b, :, slot : slot + per_crop] = crop
+                    slot += per_crop
             valid[b, : lengths[b]] = True
         return VisionPrefix(valid, kv[:, 0], kv[:, 1])
 
