@@ -39,13 +39,18 @@ from leanvlm.vision import encode_features
 
 @dataclass
 class LeanVLMOutput(ModelOutput):
-    """`logits` follow the decoder's own sequence layout, described by `attention_mask` (left-padded; vanilla: each
-    image's N tokens in place of its placeholder; himix: text tokens only). `labels` are mapped the same way."""
+    """`logits` follow the decoder's own sequence layout, described by `attention_mask` (left-padded; vanilla and
+    proxyv: each image's tokens in place of its placeholder; himix: text tokens only). `labels` are mapped the same
+    way."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: KVCache | None = None
     attention_mask: torch.Tensor | None = None
+    # with output_hidden_states: the input embeddings and each layer's output (before the final norm), same layout
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    # True at vision-token positions of the layout (vanilla/proxyv)
+    vision_mask: torch.Tensor | None = None
 
 
 class LeanVLMPreTrainedModel(PreTrainedModel):
@@ -251,15 +256,18 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_crops, image_context, labels)
             if cache is None and use_cache:
                 cache = KVCache(len(decoder_layers(self.language_model)))
-        return self._run(inputs, cache, logits_to_keep)
+        return self._run(inputs, cache, logits_to_keep, output_hidden_states)
 
-    def _run(self, inputs: DecoderInputs, cache: KVCache | None, logits_to_keep: int = 0) -> LeanVLMOutput:
-        hidden = run_decoder(
+    def _run(
+        self, inputs: DecoderInputs, cache: KVCache | None, logits_to_keep: int = 0, output_hidden_states=False
+    ) -> LeanVLMOutput:
+        hidden, states = run_decoder(
             self.language_model,
             self.decoder,
             inputs,
             cache,
             gradient_checkpointing=self.gradient_checkpointing and self.training,
+            output_hidden_states=output_hidden_states,
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -269,7 +277,14 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
-        return LeanVLMOutput(loss=loss, logits=logits, past_key_values=cache, attention_mask=inputs.valid)
+        return LeanVLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            attention_mask=inputs.valid,
+            hidden_states=states,
+            vision_mask=inputs.vision,
+        )
 
     def _prefill_inputs(self, input_ids, valid, pixel_values, image_crops, image_context, labels) -> DecoderInputs:
         if pixel_values is not None and image_context is not None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from leanvlm.decoders.base import DecoderPolicy, ImageContext
 from leanvlm.decoders.cache import KVCache
 from leanvlm.decoders.himix import HiMixDecoder
+from leanvlm.decoders.proxyv import ProxyVDecoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 
 DECODERS: dict[str, type[DecoderPolicy]] = {
     VanillaDecoder.name: VanillaDecoder,
     HiMixDecoder.name: HiMixDecoder,
+    ProxyVDecoder.name: ProxyVDecoder,
 }
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from leanvlm.decoders.layer import layer_forward
+
 IGNORE_INDEX = -100
 
 
@@ -75,6 +77,7 @@ class DecoderInputs:
     prefix: VisionPrefix | None = None
     vision: torch.Tensor | None = None  # (B, T) bool, True for vision tokens in the sequence (vanilla/proxyv)
     image_crops: list[list[int]] | None = None  # crops of each image of each sample, in sequence order
+    vision_grid: tuple[int, int] | None = None  # (rows, cols) patch grid of one crop's tokens, when they form one
 
 
 class DecoderPolicy(nn.Module):
@@ -102,6 +105,19 @@ class DecoderPolicy(nn.Module):
 
     def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
         raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """This policy's new trainable parameters by group name (recipes pick groups per stage)."""
+        raise NotImplementedError
+
+    def layer_step(self, layer_idx: int, layer: nn.Module, hidden, cos, sin, mask, kv_store, inputs: DecoderInputs):
+        """One decoder layer over the sequence; policies with per-layer variations override it."""
+        return layer_forward(layer, hidden, cos, sin, mask, kv_store, layer_idx)
+
+    def run(self, run):
+        """Drive a `leanvlm.decoders.runner.DecoderRun` through all layers; returns `run.finish()`."""
+        run.run_layers(0, len(run.layers))
+        return run.finish()
 
 
 def assign_images(input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int, num_images: int):

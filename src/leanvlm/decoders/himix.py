@@ -61,6 +61,9 @@ class HiMixDecoder(DecoderPolicy):
         )
         self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(layers))
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"vision_kv": list(self.vision_kv.parameters())}
+
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         per_layer = []
         for vision_kv, feature_layer in zip(self.vision_kv, self.layer_feature):

@@ -36,6 +36,12 @@ class VanillaDecoder(DecoderPolicy):
         # LLaVA-NeXT's init for the newline vector: N(0, 1/d).
         self.image_newline = nn.Parameter(torch.randn(width) * width**-0.5) if config.uses_image_newline else None
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"connector": list(self.connector.parameters())}
+        if self.image_newline is not None:
+            groups["image_newline"] = [self.image_newline]
+        return groups
+
     def image_tokens(self, crops: torch.Tensor) -> torch.Tensor:
         """One image's crops (c, N, d) -> its tokens in the sequence, with a newline after each crop if enabled."""
         if self.image_newline is None:
@@ -90,6 +96,7 @@ class VanillaDecoder(DecoderPolicy):
             new_labels,
             vision=left_pad(vision_flags, False)[0],
             image_crops=crops,
+            vision_grid=context.grid if context is not None else None,
         )
 
     def _vision_flags(self, num_crops: int, context: ImageContext) -> torch.Tensor:

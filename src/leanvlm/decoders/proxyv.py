@@ -1,0 +1,273 @@
+"""`proxyv` (ProxyV, arXiv 2505.15816): vanilla up to layer s; from s on, a few proxy vision tokens per crop do the
+heavy work (queries + FFN with the LLM's own weights) and the full vision tokens only supply keys/values and get a
+light per-layer guided update from the proxy that covers them.
+
+Layers >= s see three blocks, `[full vision F | proxies P | rest X]` (X = text and newlines, in sequence order):
+queries come from [P; X], keys/values from all three. With logical positions (proxies reuse the first positions of
+their image), a query sees keys at or before its position, except that proxies never see full tokens and text never
+sees proxies. After the prefill the proxies are dropped: the cache holds [full; newline; text] keys in every layer
+and decoding uses plain layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from leanvlm.decoders.base import DecoderInputs, left_pad
+from leanvlm.decoders.layer import attention_update, project_qkv
+from leanvlm.decoders.vanilla import VanillaDecoder
+from leanvlm.llm import decoder_layers, sliding_window
+
+FULL, PROXY, REST = 0, 1, 2  # token kinds in the mask builder
+
+
+class VisionMLP(nn.Module):
+    """Guided update of the full vision tokens after one layer: RMSNorm(W2 SiLU(W1 [Win f ; g]) + f), where g is the
+    projection (Wc) of the proxy covering the token. All Linear layers without bias."""
+
+    def __init__(self, width: int, inner: int, norm: nn.Module):
+        super().__init__()
+        self.input_proj = nn.Linear(width, inner, bias=False)  # Win
+        self.proxy_proj = nn.Linear(width, inner, bias=False)  # Wc, applied to proxies before spreading
+        self.fc1 = nn.Linear(2 * inner, inner, bias=False)
+        self.fc2 = nn.Linear(inner, width, bias=False)
+        self.norm = norm
+
+    def forward(self, full: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        update = self.fc2(F.silu(self.fc1(torch.cat([self.input_proj(full), guide], dim=-1))))
+        return self.norm(update + full)
+
+
+class ProxyInitializer(nn.Module):
+    """Non-spatial proxies: learnable queries attend over one crop's tokens (proxies = softmax over tokens of
+    Q (X Wk)^T / sqrt(d') times the raw states X); the transposed softmax (over proxies) assigns each token to the
+    proxies for the guided update."""
+
+    def __init__(self, width: int, inner: int, num_proxies: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_proxies, inner) * (4 * inner) ** -0.5)
+        self.key_proj = nn.Linear(width, inner, bias=False)
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops (K, N, d) -> proxies (K, n, d), assignment (K, N, n) whose rows sum to 1."""
+        logits = self.queries @ self.key_proj(crops).transpose(1, 2) * self.queries.shape[1] ** -0.5  # (K, n, N)
+        return logits.softmax(dim=-1) @ crops, logits.transpose(1, 2).softmax(dim=-1)
+
+
+def spatial_proxies(crops: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
+    """crops (K, N, d) on a rows x cols grid -> (K, n, d): bilinear down-sampling by `factor` per side
+    (align_corners=False, no antialias), raster order."""
+    rows, cols = grid
+    images = crops.view(crops.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+    small = F.interpolate(images, size=(rows // factor, cols // factor), mode="bilinear", align_corners=False)
+    return small.flatten(2).transpose(1, 2)
+
+
+def covering_proxy(grid: tuple[int, int], factor: int, num_crops: int, device) -> torch.Tensor:
+    """For every full token of `num_crops` consecutive crops, the index of the proxy whose block covers it."""
+    rows, cols = grid
+    r = torch.arange(rows, device=device)[:, None] // factor
+    c = torch.arange(cols, device=device)[None, :] // factor
+    within = (r * (cols // factor) + c).flatten()
+    per_crop = (rows // factor) * (cols // factor)
+    return (torch.arange(num_crops, device=device)[:, None] * per_crop + within[None]).flatten()
+
+
+def build_proxy_mask(
+    query_pos, query_kind, key_pos, key_kind, key_valid, window: int | None = None
+) -> torch.Tensor:
+    """(B, 1, Q, K) bool: a query sees valid keys at or before its logical position (and inside the window), except
+    proxies never see full tokens and non-proxy queries never see proxies. Rows with nothing visible (padding
+    queries) see everything, which keeps SDPA finite; their outputs are never used."""
+    q_pos, k_pos = query_pos[:, :, None], key_pos[:, None, :]
+    visible = (k_pos <= q_pos) & key_valid[:, None, :]
+    if window is not None:
+        visible &= (q_pos - k_pos) < window
+    q_kind, k_kind = query_kind[:, :, None], key_kind[:, None, :]
+    visible &= ~((q_kind == PROXY) & (k_kind == FULL))
+    visible &= ~((q_kind != PROXY) & (k_kind == PROXY))
+    visible |= ~visible.any(dim=-1, keepdim=True)
+    return visible[:, None]
+
+
+class ProxyVDecoder(VanillaDecoder):
+    name = "proxyv"
+
+    def __init__(self, config, language_model: nn.Module):
+        super().__init__(config, language_model)
+        width = config.text_config.hidden_size
+        layers = decoder_layers(language_model)
+        self.start_layer = config.proxyv_start_layer
+        self.factor = config.proxyv_reduce_factor
+        inner = config.proxyv_mlp_width or (width // 4 if width >= 1024 else width // 2)
+        norm_class = type(layers[0].input_layernorm)
+        eps = config.text_config.rms_norm_eps
+        self.vision_mlps = nn.ModuleList(
+            VisionMLP(width, inner, norm_class(width, eps=eps)) for _ in range(self.start_layer, len(layers))
+        )
+        self.proxy_init = None
+        if config.proxyv_proxy_init == "learned":
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            self.proxy_init = ProxyInitializer(width, inner, max(1, side * side // self.factor**2))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = super().parameter_groups()
+        groups["vision_mlps"] = list(self.vision_mlps.parameters())
+        if self.proxy_init is not None:
+            groups["proxy_init"] = list(self.proxy_init.parameters())
+        return groups
+
+    def run(self, run):
+        cache = run.cache
+        inputs = run.inputs
+        has_vision = inputs.vision is not None and bool(inputs.vision.any())
+        if self.start_layer >= len(run.layers) or not has_vision or (cache is not None and cache.length):
+            return super().run(run)  # decode steps and continuations use plain layers
+        run.run_layers(0, self.start_layer)
+        self._proxy_layers(run)
+        return run.finish()
+
+    # ------------------------------------------------------------------ layers >= s
+    def _proxy_layers(self, run) -> None:
+        inputs, hidden = run.inputs, run.hidden
+        batch = hidden.shape[0]
+        vision_index, vision_valid, rest_index, rest_valid, per_crop = self._blocks(inputs)
+        num_crops = vision_index.shape[1] // per_crop
+        full = _gather(hidden, vision_index)
+        crops = full.view(batch * num_crops, per_crop, -1)
+        if self.proxy_init is not None:
+            proxies, assignment = self.proxy_init(crops)
+        else:
+            grid = self._checked_grid(inputs)
+            proxies, assignment = spatial_proxies(crops, grid, self.factor), None
+        per_crop_proxies = proxies.shape[1]
+        proxies = proxies.reshape(batch, num_crops * per_crop_proxies, -1)
+        crop_valid = vision_valid.view(batch, num_crops, per_crop)[:, :, 0]
+        proxy_valid = crop_valid.repeat_interleave(per_crop_proxies, dim=1)
+        rest = _gather(hidden, rest_index)
+
+        positions = inputs.position_ids
+        full_pos, rest_pos = _gather(positions, vision_index), _gather(positions, rest_index)
+        proxy_pos = self._proxy_positions(inputs, full_pos, per_crop, per_crop_proxies, num_crops)
+        key_pos = torch.cat([full_pos, proxy_pos, rest_pos], dim=1)
+        key_valid = torch.cat([vision_valid, proxy_valid, rest_valid], dim=1)
+        kinds = torch.cat([
+            torch.full_like(full_pos, FULL), torch.full_like(proxy_pos, PROXY), torch.full_like(rest_pos, REST)
+        ], dim=1)
+        num_full = full.shape[1]
+        cos, sin = run.language_model.model.rotary_emb(hidden, key_pos)
+        main_order = self._main_order(inputs, vision_index, vision_valid, rest_index, rest_valid, proxies.shape[1])
+        cover = None if assignment is not None else covering_proxy(
+            self._checked_grid(inputs), self.factor, num_crops, hidden.device
+        )
+        masks = {}
+        for layer_idx in range(self.start_layer, len(run.layers)):
+            window = sliding_window(run.language_model, layer_idx)
+            if window not in masks:
+                masks[window] = build_proxy_mask(
+                    key_pos[:, num_full:], kinds[:, num_full:], key_pos, kinds, key_valid, window
+                )
+            step = (self._layer, layer_idx, run, full, proxies, rest, cos, sin, masks[window], main_order,
+                    assignment, cover)
+            if run.checkpointing:
+                full, proxies, rest = checkpoint(*step, use_reentrant=False)
+            else:
+                full, proxies, rest = step[0](*step[1:])
+            if run.states is not None:
+                run.states.append(_gather(torch.cat([full, proxies, rest], dim=1), main_order))
+        run.hidden = _gather(torch.cat([full, proxies, rest], dim=1), main_order)
+
+    def _layer(self, layer_idx, run, full, proxies, rest, cos, sin, mask, main_order, assignment, cover):
+        layer = run.layers[layer_idx]
+        num_full = full.shape[1]
+        tokens = torch.cat([full, proxies, rest], dim=1)
+        query, key, value = project_qkv(layer, layer.input_layernorm(tokens), cos, sin, query_from=num_full)
+        if run.cache is not None:  # cache [full; newline; text] in sequence order; proxies are prefill-only
+            index = main_order[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+            run.cache.update(layer_idx, key.gather(2, index), value.gather(2, index))
+        working = tokens[:, num_full:]
+        working = working + attention_update(layer, query, key, value, mask)
+        working = working + layer.mlp(layer.post_attention_layernorm(working))
+        new_proxies, new_rest = working.split([proxies.shape[1], rest.shape[1]], dim=1)
+
+        vision_mlp = self.vision_mlps[layer_idx - self.start_layer]
+        guide = vision_mlp.proxy_proj(new_proxies)  # (B, P, d')
+        if assignment is None:
+            guide = guide[:, cover]
+        else:
+            crops = assignment.shape[0] // full.shape[0]
+            guide = (assignment @ guide.view(assignment.shape[0], -1, guide.shape[-1])).view(
+                full.shape[0], crops * assignment.shape[1], -1
+            )
+        return vision_mlp(full, guide), new_proxies, new_rest
+
+    # ------------------------------------------------------------------ bookkeeping (prefill only)
+    def _checked_grid(self, inputs: DecoderInputs) -> tuple[int, int]:
+        grid = inputs.vision_grid
+        if grid is None:
+            raise ValueError(
+                "Spatial proxies need each crop's tokens to form the encoder's patch grid; use "
+                "vision_feature_select='patch' (no CLS token) or proxyv_proxy_init='learned'."
+            )
+        if grid[0] % self.factor or grid[1] % self.factor:
+            raise ValueError(
+                f"The {grid[0]}x{grid[1]} patch grid does not divide by proxyv_reduce_factor={self.factor}."
+            )
+        return grid
+
+    @staticmethod
+    def _blocks(inputs: DecoderInputs):
+        """Indices (into the sequence) of each sample's full vision tokens, padded at the end to whole crops of the
+        batch's largest crop count, and of its other valid tokens, left-padded; and the tokens per crop."""
+        per_crop = None
+        vision_rows, rest_rows = [], []
+        for b in range(inputs.vision.shape[0]):
+            vision_rows.append(inputs.vision[b].nonzero().flatten())
+            rest_rows.append((inputs.valid[b] & ~inputs.vision[b]).nonzero().flatten())
+            crops = sum(inputs.image_crops[b])
+            if crops:
+                per_crop = len(vision_rows[-1]) // crops
+        longest = max(len(row) for row in vision_rows)
+        vision_index = torch.zeros(len(vision_rows), longest, dtype=torch.long, device=inputs.valid.device)
+        vision_valid = torch.zeros_like(vision_index, dtype=torch.bool)
+        for b, row in enumerate(vision_rows):
+            vision_index[b, : len(row)] = row
+            vision_valid[b, : len(row)] = True
+        rest_index, rest_valid = left_pad(rest_rows, 0)
+        return vision_index, vision_valid, rest_index, rest_valid, per_crop
+
+    @staticmethod
+    def _proxy_positions(inputs, full_pos, per_crop: int, per_crop_proxies: int, num_crops: int) -> torch.Tensor:
+        """Proxies of an image take its first logical positions: o, o + 1, ... across all its crops."""
+        proxy_pos = torch.zeros(full_pos.shape[0], num_crops * per_crop_proxies, dtype=torch.long,
+                                device=full_pos.device)
+        for b, image_crops in enumerate(inputs.image_crops):
+            crop = 0
+            for count in image_crops:
+                start = full_pos[b, crop * per_crop]
+                slots = slice(crop * per_crop_proxies, (crop + count) * per_crop_proxies)
+                proxy_pos[b, slots] = start + torch.arange(count * per_crop_proxies, device=full_pos.device)
+                crop += count
+        return proxy_pos
+
+    @staticmethod
+    def _main_order(inputs, vision_index, vision_valid, rest_index, rest_valid, num_proxies) -> torch.Tensor:
+        """For each sequence slot, its row in [F | P | X] (padding slots point at row 0; they are masked)."""
+        order = torch.zeros_like(inputs.position_ids)
+        samples = torch.arange(order.shape[0], device=order.device)[:, None]
+        full_rows = torch.arange(vision_index.shape[1], device=order.device).expand_as(vision_index)
+        order[samples.expand_as(vision_index)[vision_valid], vision_index[vision_valid]] = full_rows[vision_valid]
+        offset = vision_index.shape[1] + num_proxies
+        rest_rows = offset + torch.arange(rest_index.shape[1], device=order.device).expand_as(rest_index)
+        order[samples.expand_as(rest_index)[rest_valid], rest_index[rest_valid]] = rest_rows[rest_valid]
+        return order
+
+
+def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor (B, T, ...) gathered along dim 1 with index (B, S)."""
+    if tensor.ndim == 2:
+        return tensor.gather(1, index)
+    return tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1]))
