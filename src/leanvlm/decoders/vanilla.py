@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from leanvlm.connector import build_connector
-from leanvlm.decoders.attention import build_mask
+from leanvlm.decoders.attention import CAUSAL, build_mask
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
     DecoderInputs,
@@ -17,6 +19,23 @@ from leanvlm.decoders.base import (
     left_pad,
     positions_from_valid,
 )
+from leanvlm.decoders.layer import attention_update, project_qkv
+from leanvlm.llm import decoder_layers
+
+
+class LightVisionMLP(nn.Module):
+    """Probe: replaces attention + FFN of the vision tokens in one layer, RMSNorm(W2 SiLU(W1 Win x) + x) with
+    d -> d/4 -> d/4 -> d and no bias."""
+
+    def __init__(self, width: int, norm: nn.Module):
+        super().__init__()
+        self.input_proj = nn.Linear(width, width // 4, bias=False)
+        self.fc1 = nn.Linear(width // 4, width // 4, bias=False)
+        self.fc2 = nn.Linear(width // 4, width, bias=False)
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fc2(F.silu(self.fc1(self.input_proj(hidden)))) + hidden)
 
 
 class VanillaDecoder(DecoderPolicy):
@@ -35,11 +54,25 @@ class VanillaDecoder(DecoderPolicy):
         width = config.text_config.hidden_size
         # LLaVA-NeXT's init for the newline vector: N(0, 1/d).
         self.image_newline = nn.Parameter(torch.randn(width) * width**-0.5) if config.uses_image_newline else None
+        # Redundancy probes (vanilla only; None = off).
+        self.probe_mask_from = config.probe_mask_vision_to_vision_from_layer
+        self.probe_skip_attention_from = config.probe_skip_vision_attention_from_layer
+        self.probe_skip_ffn_from = config.probe_skip_vision_ffn_from_layer
+        self.light_mlps = None
+        if config.probe_vision_light_mlp:
+            layers = decoder_layers(language_model)
+            norm_class, eps = type(layers[0].input_layernorm), config.text_config.rms_norm_eps
+            self.light_mlps = nn.ModuleList(
+                LightVisionMLP(width, norm_class(width, eps=eps))
+                for _ in range(min(self.probe_skip_ffn_from, len(layers)), len(layers))
+            )
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"connector": list(self.connector.parameters())}
         if self.image_newline is not None:
             groups["image_newline"] = [self.image_newline]
+        if self.light_mlps is not None:
+            groups["probe_light_mlps"] = list(self.light_mlps.parameters())
         return groups
 
     def image_tokens(self, crops: torch.Tensor) -> torch.Tensor:
@@ -111,3 +144,40 @@ class VanillaDecoder(DecoderPolicy):
         if prefix_len:
             raise ValueError("the vanilla decoder has no prefix keys")
         return build_mask(key_valid, num_queries, window=window)
+
+    # ------------------------------------------------------------------ redundancy probes
+    def layer_step(self, layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs: DecoderInputs):
+        def active(start):
+            return start is not None and layer_idx >= start
+
+        vision = inputs.vision
+        light = self.light_mlps is not None and active(self.probe_skip_ffn_from)
+        probing = [active(self.probe_mask_from), active(self.probe_skip_attention_from),
+                   active(self.probe_skip_ffn_from)]
+        if vision is None or not any(probing):  # decode steps carry no vision tokens: nothing to probe
+            return super().layer_step(layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs)
+        if probing[0]:
+            mask = self._mask_vision_to_vision(mask, vision)
+        query, key, value = project_qkv(layer, layer.input_layernorm(hidden), cos, sin)
+        key, value = kv_store(layer_idx, key, value)
+        text_rows = (~vision)[..., None].to(hidden.dtype)
+        update = attention_update(layer, query, key, value, mask)
+        out = hidden + (update * text_rows if probing[1] or light else update)
+        update = layer.mlp(layer.post_attention_layernorm(out))
+        out = out + (update * text_rows if probing[2] else update)
+        if light:  # vision rows: the light MLP instead of attention + FFN
+            out = torch.where(vision[..., None], self.light_mlps[layer_idx - self.probe_skip_ffn_from](hidden), out)
+        return out
+
+    @staticmethod
+    def _mask_vision_to_vision(mask, vision: torch.Tensor) -> torch.Tensor:
+        """Hide vision keys from vision queries (self included); a row left empty keeps its own key."""
+        batch, length = vision.shape
+        if mask is None or isinstance(mask, str):
+            dense = torch.ones(length, length, dtype=torch.bool, device=vision.device)
+            dense = (dense.tril() if mask == CAUSAL else dense).expand(batch, 1, length, length)
+        else:
+            dense = mask
+        dense = dense & ~(vision[:, None, :, None] & vision[:, None, None, :])
+        own = torch.eye(length, dtype=torch.bool, device=vision.device)
+        return dense | (own & ~dense.any(dim=-1, keepdim=True))
