@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Vision-language models that spend little decoder compute on vision tokens.")
+analyze_app = typer.Typer(help="Look inside a trained model.")
+app.add_typer(analyze_app, name="analyze")
 
 
 @app.callback(invoke_without_command=True)
@@ -23,6 +27,72 @@ def info() -> None:
     typer.echo(f"leanvlm {leanvlm.__version__}")
     typer.echo(f"decoders: {', '.join(leanvlm.DECODERS)}")
     typer.echo(f"language model families: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def random_shape_images(count: int, seed: int, size: int = 224):
+    """Simple seeded pictures (a few coloured rectangles and ellipses) for when no images are given."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    images = []
+    for _ in range(count):
+        image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 5)):
+            x, y = rng.randrange(size - 40), rng.randrange(size - 40)
+            box = [x, y, x + rng.randint(20, 80), y + rng.randint(20, 80)]
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
+        images.append(image)
+    return images
+
+
+@analyze_app.command("redundancy")
+def analyze_redundancy(
+    model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor (vanilla or proxyv)."),
+    image: list[Path] = typer.Option(None, "--image", help="Image file(s); default: random shape pictures."),
+    prompt: str = typer.Option("<image>\nDescribe the image.", help="Prompt, with one <image> placeholder."),
+    samples: int = typer.Option(8, help="Number of random pictures when no --image is given."),
+    batch_size: int = typer.Option(4, help="Samples per forward pass."),
+    seed: int = typer.Option(0, help="Seed of the random pictures."),
+    out: Path = typer.Option(Path("redundancy"), help="Directory for redundancy.json and redundancy.png."),
+) -> None:
+    """Per layer: how much vision and text tokens' hidden states change (cosine with the previous layer and with
+    the input), and how close the mean vision and mean text states are. Prints a table, writes JSON and a plot."""
+    from PIL import Image
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+
+    from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
+    from leanvlm.analysis import METRICS, RedundancyStats, save_redundancy
+
+    console = Console()
+    if prompt.count("<image>") != 1:
+        raise typer.BadParameter("the prompt needs exactly one <image> placeholder", param_hint="--prompt")
+    for path in image or []:
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} is not a file", param_hint="--image")
+    model = LeanVLMForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = LeanVLMProcessor.from_pretrained(model_dir)
+    pictures = [Image.open(p).convert("RGB") for p in image] if image else random_shape_images(samples, seed)
+    stats = RedundancyStats()
+    for start in track(range(0, len(pictures), batch_size), description="Analysing", console=console):
+        chunk = pictures[start : start + batch_size]
+        stats.add(model, dict(processor(text=[prompt] * len(chunk), images=chunk)))
+    result = stats.result()
+    result.update(model=str(model_dir), decoder=model.config.decoder, prompt=prompt)
+    table = Table(title=f"Layer-wise cosine similarity ({result['samples']} samples)")
+    table.add_column("layer", justify="right")
+    for header in ("vision/prev", "text/prev", "vision/input", "text/input", "vision/text"):
+        table.add_column(header, justify="right")
+    for row in result["layers"]:
+        table.add_row(str(row["layer"]), *(f"{row[m]:.3f}" if row[m] is not None else "-" for m in METRICS))
+    console.print(table)
+    json_path, png_path = save_redundancy(result, str(out))
+    console.print(f"wrote {json_path} and {png_path}")
 
 
 if __name__ == "__main__":
