@@ -1,6 +1,6 @@
 """Quick start on tiny random parts (no download, a few seconds on a laptop CPU).
 
-Builds a `himix` and a `vanilla` VLM from a Llama config and a SigLIP vision config, runs a batched prompt with
+Builds `himix`, `proxyv` and `vanilla` VLMs from a Llama config and a SigLIP vision config, runs a batched prompt with
 two images through the processor, generates, computes a training loss, reuses an encoded image for new prompts,
 and round-trips the model through safetensors. Swap the configs for checkpoint directories to use real weights.
 """
@@ -42,9 +42,10 @@ def main() -> None:
                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, pad_token_id=0)
     vision = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=64, patch_size=16)
-    for decoder in ("himix", "vanilla"):
+    decoders = {"himix": {}, "proxyv": {"proxyv_start_layer": 1, "proxyv_reduce_factor": 2}, "vanilla": {}}
+    for decoder, options in decoders.items():
         model = LeanVLMForConditionalGeneration.from_parts(language_model=llm, vision_model=vision, decoder=decoder,
-                                                           tokenizer=tokenizer).eval()
+                                                           tokenizer=tokenizer, **options).eval()
         processor = LeanVLMProcessor.for_model(model, tokenizer)
         batch = processor(text=["<image>\nWhat color is the square?", "<image>\nHow many circles?"],
                           images=[picture("square"), picture("circles")])

@@ -9,5 +9,5 @@ def test_info_lists_version_decoders_and_families():
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert f"leanvlm {leanvlm.__version__}" in result.output
-        assert "decoders: vanilla, himix" in result.output
+        assert "decoders: vanilla, himix, proxyv" in result.output
         assert "qwen3" in result.output

@@ -128,3 +128,20 @@ def test_generation_config_of_the_llm_is_kept_and_saved(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = LeanVLMForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.generation_config.eos_token_id == [2, 7]
+
+
+@pytest.mark.parametrize("decoder,options", [
+    ("vanilla", {"max_crops": 3}),
+    ("himix", {}),
+    ("proxyv", {"proxyv_start_layer": 1, "proxyv_reduce_factor": 2, "proxyv_proxy_init": "learned"}),
+    ("vanilla", {"probe_skip_vision_ffn_from_layer": 1, "probe_vision_light_mlp": True}),
+])
+def test_parameter_groups_cover_every_parameter_once(decoder, options):
+    model = build(decoder, **options)
+    groups = model.parameter_groups()
+    grouped = [id(p) for params in groups.values() for p in params]
+    assert len(grouped) == len(set(grouped)) == len(list(model.parameters()))
+    new_groups = set(groups) - {"language_model", "vision_model"}
+    assert new_groups == set(model.decoder.parameter_groups())
+    assert all(name.startswith("decoder.") for name, p in model.named_parameters()
+               if any(p is q for g in new_groups for q in groups[g]))

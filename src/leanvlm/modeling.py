@@ -186,6 +186,16 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             self.vision_model.eval()
         return self
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by group name, for per-stage training recipes: the decoder policy's new vision-side groups
+        (e.g. vanilla "connector", himix "vision_kv", proxyv "connector" + "vision_mlps") plus "language_model" and
+        "vision_model". Every parameter is in exactly one group."""
+        return {
+            **self.decoder.parameter_groups(),
+            "language_model": list(self.language_model.parameters()),
+            "vision_model": list(self.vision_model.parameters()),
+        }
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
