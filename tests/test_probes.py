@@ -87,3 +87,23 @@ def test_probes_belong_to_vanilla():
         build("himix", probe_mask_vision_to_vision_from_layer=1)
     with pytest.raises(ValueError, match="set that layer too"):
         build("vanilla", probe_vision_light_mlp=True)
+
+
+def test_vision_to_vision_mask_hides_the_diagonal_unless_the_row_would_be_empty():
+    from leanvlm.decoders.attention import CAUSAL
+    from leanvlm.decoders.vanilla import VanillaDecoder
+
+    vision = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    mask = VanillaDecoder._mask_vision_to_vision(CAUSAL, vision)[:, 0]
+    assert mask[0].tolist() == [
+        [True, False, False, False],
+        [True, False, False, False],  # a vision token sees the prefix text, not itself
+        [True, False, False, False],
+        [True, True, True, True],
+    ]
+    assert mask[1].tolist() == [
+        [True, False, False, False],  # nothing else to see: keeps its own key
+        [False, True, False, False],
+        [True, True, True, False],
+        [True, True, True, True],
+    ]

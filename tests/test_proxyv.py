@@ -81,6 +81,12 @@ def reference_logits(model, before, after, image):
 @pytest.mark.parametrize("family,start", [("llama", 1), ("qwen2", 0), ("qwen3", 2)])
 def test_logits_equal_explicit_reference(family, start):
     model = build("proxyv", family, proxyv_start_layer=start, **OPTIONS)
+    with torch.no_grad():  # large new weights and peaky attention, so proxies, guided updates and positions
+        for param in model.decoder.parameters():  # visibly move the text logits
+            param.normal_(0, 0.5)
+        for layer in model.language_model.model.layers:
+            layer.self_attn.q_proj.weight *= 20
+            layer.self_attn.k_proj.weight *= 20
     before, after = [5, 6], [7, 8, 9]
     image = pixels(1)
     with torch.no_grad():
