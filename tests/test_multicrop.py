@@ -94,3 +94,11 @@ def test_processor_round_trip_keeps_crop_settings(tmp_path):
     assert (again.max_crops, again.image_grid_pinpoints) == (3, [[64, 32]])
     batch = again(text=["<image> what"], images=[Image.new("RGB", (40, 90), "green")])
     assert batch["image_crops"].tolist() == [3]  # only 64x32 fits: 2 sub-crops + base
+
+
+def test_crop_settings_are_checked_when_the_model_is_built():
+    with pytest.raises(ValueError, match="fits max_crops=2"):
+        build("vanilla", max_crops=2)  # the smallest default grid has 2 sub-crops + the base view
+    with pytest.raises(ValueError, match=r"\[\[width, height\], ...\]"):
+        build("vanilla", max_crops=3, image_grid_pinpoints=[[48]])
+    assert build("vanilla", max_crops=2, image_grid_pinpoints=[[32, 32]]).config.max_crops == 2

@@ -254,3 +254,44 @@ def test_spatial_proxies_need_a_divisible_patch_grid():
     model = build("proxyv", proxyv_start_layer=1, proxyv_reduce_factor=3)
     with pytest.raises(ValueError, match="does not divide by proxyv_reduce_factor=3"):
         model(torch.tensor([prompt(model, 5, "<image>", 7)]), pixel_values=pixels(1))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    ids = None
+    results = []
+    for checkpointing in (False, True):
+        model = build("proxyv", proxyv_start_layer=1, **OPTIONS).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        ids = torch.tensor([prompt(model, 5, "<image>", 7, 8, 9)])
+        loss = model(ids, pixel_values=pixels(1), labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for with_ckpt, without in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(with_ckpt, without)
+
+
+def test_a_vanilla_checkpoint_loads_as_proxyv_with_sane_new_weights(tmp_path):
+    from leanvlm import LeanVLMForConditionalGeneration
+
+    build("vanilla").save_pretrained(tmp_path)  # single crop: no newline, no VisionMLPs, no proxy queries
+    model = LeanVLMForConditionalGeneration.from_pretrained(
+        tmp_path, decoder="proxyv", proxyv_proxy_init="learned", proxyv_reduce_factor=2, max_crops=3
+    )
+    assert model.config.proxyv_start_layer == 1  # the middle layer, resolved although set by an override
+    width = model.config.text_config.hidden_size
+    assert model.decoder.image_newline.std().item() == pytest.approx(width**-0.5, rel=0.5)
+    queries = model.decoder.proxy_init.queries
+    assert queries.std().item() == pytest.approx((4 * queries.shape[1]) ** -0.5, rel=0.5)
+    weights = torch.cat([p.flatten() for n, p in model.decoder.vision_mlps.named_parameters() if "proj" in n])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.3)
+    with pytest.raises(ValueError, match="proxyv_reduce_factor must be >= 1"):
+        LeanVLMForConditionalGeneration.from_pretrained(tmp_path, decoder="proxyv", proxyv_reduce_factor=0)
+
+
+def test_learned_proxies_need_the_configured_tokens_per_crop():
+    model = build("proxyv", vision="dinov2", proxyv_start_layer=1, proxyv_proxy_init="learned", **OPTIONS)
+    ids = torch.tensor([prompt(model, 5, "<image>", 7)])
+    with pytest.raises(ValueError, match="built for 16 tokens per crop .* the crops have 36"):
+        model(ids, pixel_values=torch.randn(1, 3, 48, 48))

@@ -123,6 +123,18 @@ class LeanVLMConfig(PreTrainedConfig):
                     )
         if self.max_crops < 1:
             raise ValueError(f"max_crops must be >= 1, got {self.max_crops}.")
+        if self.max_crops > 1:
+            from leanvlm.crops import default_pinpoints, usable_pinpoints
+
+            size = self.vision_config.image_size
+            pinpoints = self.image_grid_pinpoints or default_pinpoints(size)
+            if any(len(p) != 2 or min(p) < 1 for p in pinpoints):
+                raise ValueError(f"image_grid_pinpoints must be [[width, height], ...], got {pinpoints}.")
+            if not usable_pinpoints(pinpoints, size, self.max_crops):
+                raise ValueError(
+                    f"No grid in image_grid_pinpoints ({pinpoints}) fits max_crops={self.max_crops} with the base "
+                    "view; allow more crops or give smaller grids."
+                )
         self._validate_proxyv_and_probes()
         if self.himix_feature_layers is not None:
             if self.decoder != "himix":

@@ -31,7 +31,9 @@ from leanvlm.decoders.base import (
     positions_from_valid,
 )
 from leanvlm.decoders.cache import KVCache
+from leanvlm.decoders.proxyv import ProxyInitializer
 from leanvlm.decoders.runner import run_decoder
+from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.llm import check_supported_text_config, decoder_layers
 from leanvlm.processing import ensure_image_token
 from leanvlm.vision import encode_features
@@ -74,7 +76,8 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
         return model
 
     def _init_weights(self, module):
-        # New vision-side modules (connector, HiMix vision K/V): as the LLM's own `_init_weights` would.
+        # New vision-side modules (connector, HiMix vision K/V, ProxyV MLPs): as the LLM's own `_init_weights` would;
+        # the raw parameters as their modules define them.
         std = self.config.text_config.initializer_range
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -82,6 +85,10 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
             init.ones_(module.weight)
+        elif isinstance(module, VanillaDecoder) and module.image_newline is not None:
+            init.normal_(module.image_newline, std=module.image_newline.shape[0] ** -0.5)
+        elif isinstance(module, ProxyInitializer):
+            init.normal_(module.queries, std=(4 * module.queries.shape[1]) ** -0.5)
 
 
 class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
@@ -89,6 +96,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         self, config: LeanVLMConfig, language_model: PreTrainedModel | None = None, vision_model: nn.Module = None
     ):
         super().__init__(config)
+        config.validate_options()  # again: from_pretrained applies overrides after the config was built
         given = [part for part in (language_model, vision_model) if part is not None]
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.vision_model = vision_model or AutoModel.from_config(config.vision_config)

@@ -129,7 +129,7 @@ def assign_images(input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: 
         raise ValueError(
             f"The prompts contain {total} <image> placeholder(s) (per sample: {counts}) but {num_images} image(s) "
             "were given. Write exactly one <image> placeholder per image, and pass the images in the order their "
-            "placeholders appear, sample by sample."
+            "placeholders appear, sample by sample (with several crops per image, also pass image_crops)."
         )
     per_sample, start = [], 0
     for count in counts:

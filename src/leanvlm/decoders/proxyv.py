@@ -11,6 +11,8 @@ and decoding uses plain layers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,6 +113,7 @@ class ProxyVDecoder(VanillaDecoder):
         self.proxy_init = None
         if config.proxyv_proxy_init == "learned":
             side = config.vision_config.image_size // config.vision_config.patch_size
+            self.learned_tokens_per_crop = side * side
             self.proxy_init = ProxyInitializer(width, inner, max(1, side * side // self.factor**2))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -139,10 +142,18 @@ class ProxyVDecoder(VanillaDecoder):
         full = _gather(hidden, vision_index)
         crops = full.view(batch * num_crops, per_crop, -1)
         if self.proxy_init is not None:
+            if per_crop != self.learned_tokens_per_crop:
+                raise ValueError(
+                    f"The learned proxies were built for {self.learned_tokens_per_crop} tokens per crop (the "
+                    f"encoder's image_size / patch_size squared) but the crops have {per_crop}; feed images at the "
+                    "encoder's configured size."
+                )
             proxies, assignment = self.proxy_init(crops)
+            cover = None
         else:
             grid = self._checked_grid(inputs)
             proxies, assignment = spatial_proxies(crops, grid, self.factor), None
+            cover = covering_proxy(grid, self.factor, num_crops, hidden.device)
         per_crop_proxies = proxies.shape[1]
         proxies = proxies.reshape(batch, num_crops * per_crop_proxies, -1)
         crop_valid = vision_valid.view(batch, num_crops, per_crop)[:, :, 0]
@@ -160,9 +171,8 @@ class ProxyVDecoder(VanillaDecoder):
         num_full = full.shape[1]
         cos, sin = run.language_model.model.rotary_emb(hidden, key_pos)
         main_order = self._main_order(inputs, vision_index, vision_valid, rest_index, rest_valid, proxies.shape[1])
-        cover = None if assignment is not None else covering_proxy(
-            self._checked_grid(inputs), self.factor, num_crops, hidden.device
-        )
+        layer_step = functools.partial(self._layer, run=run, cos=cos, sin=sin, main_order=main_order,
+                                       assignment=assignment, cover=cover)
         masks = {}
         for layer_idx in range(self.start_layer, len(run.layers)):
             window = sliding_window(run.language_model, layer_idx)
@@ -170,17 +180,16 @@ class ProxyVDecoder(VanillaDecoder):
                 masks[window] = build_proxy_mask(
                     key_pos[:, num_full:], kinds[:, num_full:], key_pos, kinds, key_valid, window
                 )
-            step = (self._layer, layer_idx, run, full, proxies, rest, cos, sin, masks[window], main_order,
-                    assignment, cover)
+            args = (layer_idx, full, proxies, rest, masks[window])
             if run.checkpointing:
-                full, proxies, rest = checkpoint(*step, use_reentrant=False)
+                full, proxies, rest = checkpoint(layer_step, *args, use_reentrant=False)
             else:
-                full, proxies, rest = step[0](*step[1:])
+                full, proxies, rest = layer_step(*args)
             if run.states is not None:
                 run.states.append(_gather(torch.cat([full, proxies, rest], dim=1), main_order))
         run.hidden = _gather(torch.cat([full, proxies, rest], dim=1), main_order)
 
-    def _layer(self, layer_idx, run, full, proxies, rest, cos, sin, mask, main_order, assignment, cover):
+    def _layer(self, layer_idx, full, proxies, rest, mask, run, cos, sin, main_order, assignment, cover):
         layer = run.layers[layer_idx]
         num_full = full.shape[1]
         tokens = torch.cat([full, proxies, rest], dim=1)
@@ -209,8 +218,9 @@ class ProxyVDecoder(VanillaDecoder):
         grid = inputs.vision_grid
         if grid is None:
             raise ValueError(
-                "Spatial proxies need each crop's tokens to form the encoder's patch grid; use "
-                "vision_feature_select='patch' (no CLS token) or proxyv_proxy_init='learned'."
+                "Spatial proxies need each crop's tokens to form the encoder's patch grid, and this image context "
+                "has none: encode images with vision_feature_select='patch' (no CLS token), give a hand-built "
+                "ImageContext its grid=(rows, cols), or use proxyv_proxy_init='learned'."
             )
         if grid[0] % self.factor or grid[1] % self.factor:
             raise ValueError(
