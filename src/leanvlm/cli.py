@@ -29,6 +29,65 @@ def info() -> None:
     typer.echo(f"language model families: {', '.join(SUPPORTED_FAMILIES)}")
 
 
+@app.command()
+def flops(
+    llm: str = typer.Option(..., help="LLM preset (e.g. qwen2-0.5b, vicuna-7b) or a Hugging Face config.json path."),
+    vision: str = typer.Option(..., help="Vision preset: siglip-so400m-384, clip-l-336 or dinov2-s14-224."),
+    text_tokens: int = typer.Option(..., help="Non-vision tokens in the prompt (text, and crop newlines)."),
+    vision_tokens: int = typer.Option(None, help="All vision tokens of the sample (default: the encoder's x crops)."),
+    crops: int = typer.Option(1, help="Crops per image."),
+    decoder: str = typer.Option("vanilla", help="Decoder for the JSON output: vanilla, himix or proxyv."),
+    proxyv_start_layer: int = typer.Option(None, help="ProxyV start layer (default: the middle layer)."),
+    proxyv_reduce_factor: int = typer.Option(4, help="ProxyV grid reduction per side."),
+    convention: str = typer.Option("prefill", help="Counting convention: prefill, himix-paper or proxyv-paper."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object for --decoder."),
+) -> None:
+    """Analytic FLOPs of the language decoder: prefill (with a breakdown) and one decoded token, per decoder."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from leanvlm.flops import CONVENTIONS, DECODERS, decode_flops, decoder_flops
+
+    if convention not in CONVENTIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(CONVENTIONS)}", param_hint="--convention")
+    if decoder not in DECODERS:
+        raise typer.BadParameter(f"choose one of {', '.join(DECODERS)}", param_hint="--decoder")
+    try:
+        results = {
+            name: decoder_flops(llm, vision, text_tokens, name, vision_tokens=vision_tokens, crops=crops,
+                                convention=convention, proxyv_start_layer=proxyv_start_layer,
+                                proxyv_reduce_factor=proxyv_reduce_factor)
+            for name in DECODERS
+        }
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    tokens = results["vanilla"]["tokens"]
+    step = decode_flops(llm, tokens["vision"] + tokens["text"], convention)
+    vanilla_total = results["vanilla"]["total_flops"]
+    if as_json:
+        chosen = dict(results[decoder], decoder=decoder, llm=llm, vision=vision)
+        chosen["ratio_to_vanilla"] = chosen["total_flops"] / vanilla_total
+        chosen["all_decoders"] = {name: r["total_flops"] for name, r in results.items()}
+        chosen["decode_flops_per_token"] = step["total_flops"]
+        typer.echo(json.dumps(chosen, indent=2))
+        return
+    parts = sorted({part for r in results.values() for part in r["breakdown"]})
+    table = Table(title=f"Decoder prefill GFLOPs: {llm}, {vision}, {tokens['vision']} vision + {tokens['text']} "
+                        f"text tokens ({convention})")
+    table.add_column("decoder", no_wrap=True)
+    for column in ["total", "vs vanilla", *parts]:
+        table.add_column(column, justify="right")
+    for name, result in results.items():
+        cells = [f"{result['breakdown'].get(part, 0) / 1e9:.1f}" for part in parts]
+        table.add_row(name, f"{result['total_flops'] / 1e9:.1f}", f"{result['total_flops'] / vanilla_total:.1%}", *cells)
+    console = Console()
+    console.print(table)
+    console.print(f"one decoded token at {tokens['vision'] + tokens['text']} tokens of context: "
+                  f"{step['total_flops'] / 1e9:.2f} GFLOPs (every decoder)")
+
+
 def random_shape_images(count: int, seed: int, size: int = 224):
     """Simple seeded pictures (a few coloured rectangles and ellipses) for when no images are given."""
     import random

@@ -178,6 +178,8 @@ class LeanVLMConfig(PreTrainedConfig):
 
     @property
     def uses_image_newline(self) -> bool:
+        if self.decoder == "himix":  # vision keys are a set: no layout, no newline
+            return False
         return self.image_newline if self.image_newline is not None else self.max_crops > 1
 
     @property

@@ -1,0 +1,96 @@
+"""The analytic cost model reproduces both papers and agrees with torch's FLOP counter."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leanvlm.cli import app
+from leanvlm.flops import Convention, LLMShape, VisionShape, decode_flops, decoder_flops, measured_flops
+from tiny import build, pixels, prompt
+
+
+# HiMix's table (reference/himix.md section 3): N = 728 SigLIP tokens, M = 64 text tokens, lm_head on all positions.
+@pytest.mark.parametrize("llm,vanilla,himix", [
+    ("qwen2-0.5b", 837, 78), ("tinyllama-1.1b", 1750, 161), ("vicuna-7b", 10800, 1310),
+    ("llama-3.2-1b", 2040, 192), ("llama-3.2-3b", 5310, 525),
+])
+def test_himix_paper_gflops(llm, vanilla, himix):
+    kwargs = dict(vision_tokens=728, convention="himix-paper")
+    ours_vanilla = decoder_flops(llm, "siglip-so400m-384", 64, "vanilla", **kwargs)["total_flops"] / 1e9
+    ours_himix = decoder_flops(llm, "siglip-so400m-384", 64, "himix", **kwargs)["total_flops"] / 1e9
+    assert ours_vanilla == pytest.approx(vanilla, rel=0.005)
+    assert ours_himix == pytest.approx(himix, rel=0.005)
+
+
+# ProxyV's reductions (reference/proxyv.md section 5.2): 5 crops = 2880 CLIP tokens, 50 text + 5 newlines, no lm_head.
+@pytest.mark.parametrize("llm,start,reduction", [
+    ("vicuna-7b", 12, 46), ("vicuna-7b", 16, 36), ("qwen2-7b", 16, 37), ("qwen2-7b", 20, 25),
+])
+def test_proxyv_paper_reductions(llm, start, reduction):
+    kwargs = dict(crops=5, convention="proxyv-paper")
+    vanilla = decoder_flops(llm, "clip-l-336", 55, "vanilla", **kwargs)["total_flops"]
+    proxyv = decoder_flops(llm, "clip-l-336", 55, "proxyv", proxyv_start_layer=start, **kwargs)["total_flops"]
+    assert 100 * (1 - proxyv / vanilla) == pytest.approx(reduction, abs=1.5)
+
+
+@pytest.mark.parametrize("start,reduction", [(0, 80), (12, 50), (16, 40)])
+def test_light_mlp_probe_matches_proxyv_table_2(start, reduction):
+    kwargs = dict(crops=5, convention="proxyv-paper")
+    vanilla = decoder_flops("vicuna-7b", "clip-l-336", 55, "vanilla", **kwargs)["total_flops"]
+    probe = decoder_flops("vicuna-7b", "clip-l-336", 55, "vanilla", probe_skip_vision_ffn_from_layer=start,
+                          probe_vision_light_mlp=True, **kwargs)["total_flops"]
+    assert 100 * (1 - probe / vanilla) == pytest.approx(reduction, abs=1.5)
+
+
+CASES = [
+    ("vanilla", {}),
+    ("himix", {}),
+    ("himix", {"max_crops": 3}),
+    ("proxyv", {"proxyv_start_layer": 1, "proxyv_reduce_factor": 2}),
+    ("proxyv", {"proxyv_start_layer": 0, "proxyv_reduce_factor": 2, "proxyv_proxy_init": "learned", "max_crops": 3}),
+    ("vanilla", {"max_crops": 3}),
+]
+
+
+@pytest.mark.parametrize("decoder,options", CASES)
+def test_measured_flops_agree_with_the_analytic_count(decoder, options):
+    model = build(decoder, "qwen2", **options)
+    crops = options.get("max_crops", 1)
+    ids = torch.tensor([prompt(model, "<image>", *range(5, 25))])
+    measured = measured_flops(model, ids, pixel_values=pixels(crops), image_crops=[crops])
+    newlines = crops if model.config.uses_image_newline else 0
+    proxy_options = {k: v for k, v in options.items() if k.startswith("proxyv_")}
+    analytic = decoder_flops(LLMShape.from_config(model.config), VisionShape(16, 24), 20 + newlines, decoder,
+                             crops=crops, convention=Convention(attention="full", lm_head="last"), **proxy_options)
+    assert measured == pytest.approx(analytic["total_flops"], rel=0.02)
+
+
+def test_causal_convention_and_decode_cost():
+    full = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, convention="himix-paper")
+    causal = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, convention="prefill")
+    assert causal["breakdown"]["attention"] == pytest.approx(full["breakdown"]["attention"] / 2, rel=0.01)
+    assert causal["breakdown"]["lm_head"] == 2 * 896 * 151936
+    assert set(causal["breakdown"]) >= {"qo", "kv", "attention", "ffn", "connector", "lm_head"}
+    step = decode_flops("qwen2-0.5b", 793)
+    assert step["breakdown"]["attention"] == 2 * 24 * 2 * 794 * 896
+
+
+def test_flops_cli_prints_one_json_object(tmp_path):
+    result = CliRunner().invoke(app, ["flops", "--llm", "qwen2-0.5b", "--vision", "siglip-so400m-384",
+                                      "--text-tokens", "64", "--vision-tokens", "728", "--decoder", "himix",
+                                      "--convention", "himix-paper", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["total_flops"] == pytest.approx(78e9, rel=0.005)
+    assert data["breakdown"]["vision_kv"] > 0
+    assert data["ratio_to_vanilla"] == pytest.approx(78 / 837, rel=0.01)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                                  "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936}))
+    table = CliRunner().invoke(app, ["flops", "--llm", str(config), "--vision", "siglip-so400m-384",
+                                     "--text-tokens", "64"])
+    assert table.exit_code == 0 and "himix" in table.output and "proxyv" in table.output
+    bad = CliRunner().invoke(app, ["flops", "--llm", "gpt-9", "--vision", "clip-l-336", "--text-tokens", "8"])
+    assert bad.exit_code != 0 and "qwen2-0.5b" in bad.output
