@@ -250,10 +250,18 @@ def test_vision_mlp_parameter_count_follows_the_spec():
         assert sum(p.numel() for p in mlp.parameters()) == 3 * d * inner + 2 * inner * inner + d
 
 
-def test_spatial_proxies_need_a_divisible_patch_grid():
-    model = build("proxyv", proxyv_start_layer=1, proxyv_reduce_factor=3)
-    with pytest.raises(ValueError, match="does not divide by proxyv_reduce_factor=3"):
-        model(torch.tensor([prompt(model, 5, "<image>", 7)]), pixel_values=pixels(1))
+def test_a_grid_that_does_not_divide_uses_nearest_up_sampling():
+    from leanvlm.decoders.proxyv import covering_proxy, proxy_grid
+
+    assert proxy_grid((27, 27), 4) == (6, 6)  # SigLIP-384
+    cover = covering_proxy((27, 27), 4, 1, "cpu").view(27, 27)
+    expected = F.interpolate(torch.arange(36.0).view(1, 1, 6, 6), size=(27, 27), mode="nearest")[0, 0].long()
+    assert torch.equal(cover, expected)
+    assert torch.equal(covering_proxy((4, 4), 2, 1, "cpu"), torch.tensor([0, 0, 1, 1] * 2 + [2, 2, 3, 3] * 2))
+    model = build("proxyv", proxyv_start_layer=1, proxyv_reduce_factor=3)  # 4x4 grid -> 1x1 proxy
+    with torch.no_grad():
+        out = model(torch.tensor([prompt(model, 5, "<image>", 7)]), pixel_values=pixels(1))
+    assert torch.isfinite(out.logits).all()
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

@@ -13,6 +13,7 @@ Token layout assumed for causal counts: the image(s) come before the text.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -193,7 +194,10 @@ def decoder_flops(
                     macs["probe_light_mlps"] = macs.get("probe_light_mlps", 0) + n * (2 * d * quarter + quarter**2)
             layer(rows_q, t, pairs, rows_ffn)
         if start < layers:  # proxyv layers
-            proxies = n // proxyv_reduce_factor**2
+            side = math.isqrt(n // crops)
+            per_crop = (max(1, side // proxyv_reduce_factor) ** 2 if side * side == n // crops
+                        else max(1, n // crops // proxyv_reduce_factor**2))  # as `proxyv.proxy_grid` does
+            proxies = per_crop * crops
             inner = proxyv_mlp_width or (d // 4 if d >= 1024 else d // 2)
             q, k = proxies + m, n + proxies + m
             pairs = q * k if full else _causal_pairs(proxies) + m * n + _causal_pairs(m)
@@ -202,9 +206,8 @@ def decoder_flops(
             per_layer = n * (d * inner + 2 * inner * inner + inner * d) + proxies * d * inner
             macs["vision_mlps"] = (layers - start) * per_layer
             if proxyv_proxy_init == "learned":
-                per_crop = n // crops
-                macs["vision_mlps"] += (layers - start) * n * (proxies // crops) * inner  # spreading the guide
-                macs["proxy_init"] = n * d * inner + proxies * per_crop * (inner + d)  # keys, logits, pooling
+                macs["vision_mlps"] += (layers - start) * n * per_crop * inner  # spreading the guide
+                macs["proxy_init"] = n * d * inner + proxies * (n // crops) * (inner + d)  # keys, logits, pooling
         if conv.connector:
             macs["connector"] = n * (vision.width * d + d * d)
         positions = t if decoder == "vanilla" or start >= layers else n + m

@@ -59,22 +59,29 @@ class ProxyInitializer(nn.Module):
         return logits.softmax(dim=-1) @ crops, logits.transpose(1, 2).softmax(dim=-1)
 
 
+def proxy_grid(grid: tuple[int, int], factor: int) -> tuple[int, int]:
+    """The proxies' grid: each side divided by `factor`, rounded down, at least 1 (27x27 SigLIP / 4 -> 6x6)."""
+    return max(1, grid[0] // factor), max(1, grid[1] // factor)
+
+
 def spatial_proxies(crops: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
-    """crops (K, N, d) on a rows x cols grid -> (K, n, d): bilinear down-sampling by `factor` per side
+    """crops (K, N, d) on a rows x cols grid -> (K, n, d): bilinear down-sampling to `proxy_grid`
     (align_corners=False, no antialias), raster order."""
     rows, cols = grid
     images = crops.view(crops.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
-    small = F.interpolate(images, size=(rows // factor, cols // factor), mode="bilinear", align_corners=False)
+    small = F.interpolate(images, size=proxy_grid(grid, factor), mode="bilinear", align_corners=False)
     return small.flatten(2).transpose(1, 2)
 
 
 def covering_proxy(grid: tuple[int, int], factor: int, num_crops: int, device) -> torch.Tensor:
-    """For every full token of `num_crops` consecutive crops, the index of the proxy whose block covers it."""
+    """For every full token of `num_crops` consecutive crops, the index of the proxy that covers it: nearest
+    up-sampling of the proxy grid (token row i -> proxy row i * proxy_rows // rows; i // factor on divisible grids)."""
     rows, cols = grid
-    r = torch.arange(rows, device=device)[:, None] // factor
-    c = torch.arange(cols, device=device)[None, :] // factor
-    within = (r * (cols // factor) + c).flatten()
-    per_crop = (rows // factor) * (cols // factor)
+    small_rows, small_cols = proxy_grid(grid, factor)
+    r = torch.arange(rows, device=device)[:, None] * small_rows // rows
+    c = torch.arange(cols, device=device)[None, :] * small_cols // cols
+    within = (r * small_cols + c).flatten()
+    per_crop = small_rows * small_cols
     return (torch.arange(num_crops, device=device)[:, None] * per_crop + within[None]).flatten()
 
 
@@ -114,7 +121,8 @@ class ProxyVDecoder(VanillaDecoder):
         if config.proxyv_proxy_init == "learned":
             side = config.vision_config.image_size // config.vision_config.patch_size
             self.learned_tokens_per_crop = side * side
-            self.proxy_init = ProxyInitializer(width, inner, max(1, side * side // self.factor**2))
+            rows, cols = proxy_grid((side, side), self.factor)
+            self.proxy_init = ProxyInitializer(width, inner, rows * cols)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = super().parameter_groups()
@@ -221,10 +229,6 @@ class ProxyVDecoder(VanillaDecoder):
                 "Spatial proxies need each crop's tokens to form the encoder's patch grid, and this image context "
                 "has none: encode images with vision_feature_select='patch' (no CLS token), give a hand-built "
                 "ImageContext its grid=(rows, cols), or use proxyv_proxy_init='learned'."
-            )
-        if grid[0] % self.factor or grid[1] % self.factor:
-            raise ValueError(
-                f"The {grid[0]}x{grid[1]} patch grid does not divide by proxyv_reduce_factor={self.factor}."
             )
         return grid
 
