@@ -88,6 +88,52 @@ def flops(
                   f"{step['total_flops'] / 1e9:.2f} GFLOPs (every decoder)")
 
 
+@app.command()
+def bench(
+    llm: str = typer.Option("qwen2-0.5b", help="LLM preset (random weights)."),
+    vision: str = typer.Option("siglip-so400m-384", help="Vision preset (random weights, full depth)."),
+    model: Path = typer.Option(None, help="A saved leanvlm model whose LLM and encoder replace the presets."),
+    decoder: list[str] = typer.Option(["vanilla", "himix", "proxyv"], help="Decoders to compare (repeatable)."),
+    text_tokens: int = typer.Option(64, help="Text tokens after the image."),
+    crops: int = typer.Option(1, help="Crops per image."),
+    batch: int = typer.Option(1, help="Samples per batch."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    repeats: int = typer.Option(5, help="Measured repeats (after warm-up)."),
+    warmup: int = typer.Option(1, help="Warm-up repeats."),
+    decode_steps: int = typer.Option(16, help="Decode steps timed per repeat."),
+    proxyv_start_layer: int = typer.Option(12, help="ProxyV start layer."),
+    proxyv_reduce_factor: int = typer.Option(4, help="ProxyV grid reduction per side."),
+    train: bool = typer.Option(True, help="Also time one training step (forward + backward)."),
+    out: Path = typer.Option(Path("bench"), help="Directory for NAME.json, NAME.md and NAME.png."),
+    name: str = typer.Option("bench", help="File name stem of the outputs."),
+) -> None:
+    """Prefill / decode latency, tokens/s, peak memory, KV-cache bytes and a training step for each decoder,
+    interleaved in one process, each ratio to vanilla next to the analytic FLOPs ratio."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+    from rich.progress import Progress
+
+    from leanvlm.bench import BenchSettings, markdown, run_bench, write_report
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise typer.BadParameter("choose bfloat16, float16 or float32", param_hint="--dtype")
+    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    settings = BenchSettings(llm=llm, vision=vision, decoders=list(decoder), text_tokens=text_tokens, crops=crops,
+                             batch=batch, dtype=dtype, device=device, repeats=repeats, warmup=warmup,
+                             decode_steps=decode_steps, proxyv_start_layer=proxyv_start_layer,
+                             proxyv_reduce_factor=proxyv_reduce_factor, train=train,
+                             model=str(model) if model else None)
+    console = Console()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("building models", total=None)
+        report = run_bench(settings, progress=lambda text: progress.update(task, description=text))
+    console.print(Markdown(markdown(report)))
+    for path in write_report(report, str(out), name):
+        console.print(f"wrote {path}")
+
+
 def random_shape_images(count: int, seed: int, size: int = 224):
     """Simple seeded pictures (a few coloured rectangles and ellipses) for when no images are given."""
     import random

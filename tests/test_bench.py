@@ -1,0 +1,65 @@
+"""`leanvlm bench` on a tiny saved model (the protocol, the report; no timing is asserted)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leanvlm.bench import BenchSettings, peak_memory, run_bench, write_report
+from leanvlm.cli import app
+from tiny import build
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bench") / "model"
+    build("vanilla").save_pretrained(directory)
+    return directory
+
+
+def test_bench_reports_every_metric_for_every_decoder(tiny_model_dir, tmp_path):
+    settings = BenchSettings(model=str(tiny_model_dir), text_tokens=8, repeats=2, warmup=1, decode_steps=3,
+                             proxyv_start_layer=1, proxyv_reduce_factor=2, dtype="float32")
+    seen = []
+    report = run_bench(settings, progress=seen.append)
+    assert "vanilla: warm-up" in seen and "himix: repeat 2" in seen
+    results = report["results"]
+    assert set(results) == {"vanilla", "himix", "proxyv"}
+    for name, row in results.items():
+        for key in ("encode_ms", "prefill_ms", "ttft_from_pixels_ms", "decode_ms_per_token", "train_step_ms"):
+            assert row[key]["min"] <= row[key]["median"] <= row[key]["max"] and row[key]["min"] > 0, (name, key)
+        # fp32 keys and values of 3 layers, 2 KV heads x 8 dims, for 16 vision + 8 text tokens
+        assert row["kv_cache_bytes"] == 3 * 2 * 2 * 8 * (16 + 8) * 4
+        assert row["prefill_peak_bytes"] > 0 and row["train_peak_bytes"] > 0
+        assert row["tokens_per_s"] == pytest.approx(1e3 / row["decode_ms_per_token"]["median"])
+    assert results["vanilla"]["prefill_speedup"] == 1.0
+    assert results["himix"]["analytic_flops_ratio"] < results["proxyv"]["analytic_flops_ratio"] < 1
+    json_path, md_path, png_path = write_report(report, str(tmp_path), "tiny")
+    assert json.loads(open(json_path).read())["machine"]["cpu_count"] >= 1
+    table = open(md_path).read()
+    assert table.count("\n| ") == 4 and "| himix |" in table  # header + 3 decoders
+    assert open(png_path, "rb").read(4) == b"\x89PNG"
+
+
+def test_cpu_peak_memory_follows_torch_allocations():
+    def work():
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 4 MB more while a lives
+        del a
+        return b + 1  # after a is freed
+
+    peak, method = peak_memory(work, torch.device("cpu"))
+    assert peak == pytest.approx(8e6, rel=0.01)
+    assert "profiler" in method
+
+
+def test_bench_cli_writes_the_report(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_model_dir), "--decoder", "vanilla",
+                                      "--decoder", "himix", "--text-tokens", "4", "--repeats", "1",
+                                      "--decode-steps", "2", "--no-train", "--dtype", "float32",
+                                      "--out", str(tmp_path), "--name", "cli"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cli.json").read_text())
+    assert set(report["results"]) == {"vanilla", "himix"}
+    assert "train_step_ms" not in report["results"]["himix"]
