@@ -145,3 +145,14 @@ def test_parameter_groups_cover_every_parameter_once(decoder, options):
     assert new_groups == set(model.decoder.parameter_groups())
     assert all(name.startswith("decoder.") for name, p in model.named_parameters()
                if any(p is q for g in new_groups for q in groups[g]))
+
+
+def test_an_image_size_that_leaves_a_patch_remainder_is_accepted():
+    from transformers import SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=36, patch_size=8)  # like SigLIP-384 with 14-pixel patches: 27 x 27
+    model = LeanVLMForConditionalGeneration.from_parts(text_config(), vision, decoder="proxyv",
+                                                       proxyv_start_layer=1, proxyv_reduce_factor=2)
+    context = model.encode_images(torch.randn(1, 3, 36, 36))
+    assert context.tokens.shape[1] == 16 and context.grid == (4, 4)

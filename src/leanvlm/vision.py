@@ -28,8 +28,8 @@ def check_pixel_values(pixel_values: torch.Tensor, vision_config) -> None:
             f"pixel_values has images of {height}x{width} pixels but this {vision_config.model_type} encoder takes "
             f"{size}x{size}; preprocess them with the encoder's image processor."
         )
-    if height % patch or width % patch:
-        raise ValueError(f"pixel_values height/width ({height}x{width}) must be multiples of the patch size {patch}.")
+    if height < patch or width < patch:  # the patch embedding ignores a remainder (SigLIP-384: 27 patches of 14)
+        raise ValueError(f"pixel_values height/width ({height}x{width}) are smaller than the patch size {patch}.")
 
 
 def select_tokens(hidden: torch.Tensor, num_patches: int, select: str) -> torch.Tensor:
