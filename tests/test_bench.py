@@ -63,3 +63,13 @@ def test_bench_cli_writes_the_report(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "cli.json").read_text())
     assert set(report["results"]) == {"vanilla", "himix"}
     assert "train_step_ms" not in report["results"]["himix"]
+
+
+def test_bench_cli_refuses_bad_input_before_building_anything(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    for args, hint in [(["--decoder", "fastv"], "fastv"), (["--repeats", "0"], "repeats"),
+                       (["--model", str(tmp_path)], "no saved model"), (["--llm", "gpt-9"], "qwen2-0.5b"),
+                       (["--device", "tpu"], "device")]:
+        result = runner.invoke(app, ["bench", "--out", str(tmp_path), *args])
+        text = " ".join(result.output.replace("│", " ").split())  # the error panel wraps lines
+        assert result.exit_code != 0 and hint in text, (args, result.output)

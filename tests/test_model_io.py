@@ -156,3 +156,17 @@ def test_an_image_size_that_leaves_a_patch_remainder_is_accepted():
                                                        proxyv_start_layer=1, proxyv_reduce_factor=2)
     context = model.encode_images(torch.randn(1, 3, 36, 36))
     assert context.tokens.shape[1] == 16 and context.grid == (4, 4)
+
+
+def test_training_loss_scores_only_labelled_positions_and_can_skip_logits():
+    model = build("vanilla")
+    ids = torch.tensor([prompt(model, 5, "<image>", 7, 8, 9)])
+    labels = ids.clone()
+    labels[0, :2] = -100
+    full = model(ids, pixel_values=pixels(1), labels=labels)
+    lean = model(ids, pixel_values=pixels(1), labels=labels, return_logits=False)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss)
+    # layout: 5, 16 vision tokens, 7, 8, 9 -> the last vision token predicts 7, then 7 -> 8, 8 -> 9
+    expected = torch.nn.functional.cross_entropy(full.logits[0, 16:19].float(), torch.tensor([7, 8, 9]))
+    torch.testing.assert_close(full.loss, expected)

@@ -50,7 +50,7 @@ class BenchSettings:
     repeats: int = 5
     warmup: int = 1
     decode_steps: int = 16
-    proxyv_start_layer: int = 12
+    proxyv_start_layer: int | None = None  # None = the middle layer
     proxyv_reduce_factor: int = 4
     train: bool = True
     model: str | None = None  # a saved leanvlm model: its LLM and encoder replace the presets' random ones
@@ -83,11 +83,12 @@ def peak_memory(fn, device: torch.device) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated() - before, "CUDA max_memory_allocated above the level before"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         fn()
-    usage = peak = 0  # each op's own allocations, and the free events, in time order
-    for event in sorted(profiler.events(), key=lambda e: e.time_range.start):
-        usage += event.self_cpu_memory_usage
+    records = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    usage = peak = 0  # every allocation (+) and free (-) record, in time order
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        usage += record.nbytes()
         peak = max(peak, usage)
-    return peak, "peak of torch's CPU allocations above the level before (torch.profiler memory events)"
+    return peak, "peak of torch's CPU allocations above the level before (torch.profiler memory records)"
 
 
 def build_parts(settings: BenchSettings):
@@ -128,6 +129,8 @@ def build_models(settings: BenchSettings):
         if decoder == "proxyv":
             options.update(proxyv_start_layer=settings.proxyv_start_layer,
                            proxyv_reduce_factor=settings.proxyv_reduce_factor)
+        elif decoder not in ("vanilla", "himix"):
+            raise ValueError(f"Unknown decoder {decoder!r}; choose vanilla, himix or proxyv.")
         if settings.crops > 1:
             options["image_grid_pinpoints"] = [[size * (settings.crops - 1), size]]
         model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder=decoder,
@@ -177,15 +180,24 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         model = models[name]
         model.train()
         tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in features.items()})
-        model(ids, image_context=ImageContext(name, tokens, crops, contexts[name].grid), labels=ids).loss.backward()
+        context = ImageContext(name, tokens, crops, contexts[name].grid)
+        model(ids, image_context=context, labels=ids, return_logits=False).loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     extra: dict[str, dict] = {name: {} for name in models}
+
+    def record(name, key, seconds):
+        samples[name].setdefault(key, []).append(1e3 * seconds)
+
+    names = list(models)
+    # Inference first, then training, each rotating the decoder order every repeat so that no decoder always runs
+    # right after a particular other one.
     for repeat in range(settings.warmup + settings.repeats):
         keep = repeat >= settings.warmup
-        for name, model in models.items():
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            model = models[name]
             if progress is not None:
                 progress(f"{name}: {f'repeat {repeat - settings.warmup + 1}' if keep else 'warm-up'}")
             with torch.no_grad():
@@ -201,13 +213,18 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
                         step = model.decode_step(step, cache).argmax(-1)
 
                 decode_s, _ = _timed(decode, device)
-            train_s = _timed(lambda: train_step(name), device)[0] if settings.train else None
             if keep:
-                measured = {"encode_ms": encode_s, "prefill_ms": prefill_s, "ttft_from_pixels_ms": encode_s + prefill_s,
-                            "decode_ms_per_token": decode_s / settings.decode_steps, "train_step_ms": train_s}
-                for key, seconds in measured.items():
-                    if seconds is not None:
-                        samples[name].setdefault(key, []).append(1e3 * seconds)
+                record(name, "encode_ms", encode_s)
+                record(name, "prefill_ms", prefill_s)
+                record(name, "ttft_from_pixels_ms", encode_s + prefill_s)
+                record(name, "decode_ms_per_token", decode_s / settings.decode_steps)
+    for repeat in range(settings.warmup + settings.repeats if settings.train else 0):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            if progress is not None:
+                progress(f"{name}: training step {repeat + 1}")
+            train_s, _ = _timed(lambda: train_step(name), device)
+            if repeat >= settings.warmup:
+                record(name, "train_step_ms", train_s)
     memory_method = ""
     for name in models:  # memory in separate, untimed passes: the CPU method slows down what it watches
         if progress is not None:
@@ -217,17 +234,22 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             extra[name]["prefill_peak_bytes"], memory_method = peak_memory(lambda: prefill(name, cache), device)
         if settings.train:
             extra[name]["train_peak_bytes"], _ = peak_memory(lambda: train_step(name), device)
+    if "proxyv" in models:  # report the start layer actually used
+        settings.proxyv_start_layer = models["proxyv"].config.proxyv_start_layer
     tokens_per_crop = contexts[next(iter(models))].tokens.shape[-2]
-    return summarize(settings, samples, extra, memory_method, first.config, tokens_per_crop)
+    configs = {name: model.config for name, model in models.items()}
+    return summarize(settings, samples, extra, memory_method, configs, tokens_per_crop)
 
 
-def summarize(settings, samples: dict, extra: dict, memory_method: str, config, tokens_per_crop: int) -> dict:
-    """Medians, spreads and ratios to vanilla, next to the analytic FLOPs of the same work (shapes from `config`)."""
-    vision = VisionShape(tokens_per_crop, config.vision_config.hidden_size)
+def summarize(settings, samples: dict, extra: dict, memory_method: str, configs: dict, tokens_per_crop: int) -> dict:
+    """Medians, spreads and ratios to vanilla, next to the analytic FLOPs of the same work (shapes from each
+    decoder's config)."""
     work = Convention(attention="causal", lm_head="last", connector=False)
     results = {}
     for name, metrics in samples.items():
-        newlines = settings.crops if config.max_crops > 1 and name != "himix" else 0
+        config = configs[name]
+        vision = VisionShape(tokens_per_crop, config.vision_config.hidden_size)
+        newlines = settings.crops if config.uses_image_newline else 0
         flops = decoder_flops(LLMShape.from_config(config), vision, settings.text_tokens + newlines, name,
                               crops=settings.crops, convention=work,
                               proxyv_start_layer=settings.proxyv_start_layer,
@@ -247,7 +269,10 @@ def summarize(settings, samples: dict, extra: dict, memory_method: str, config, 
             row["ttft_reused_vs_vanilla_from_pixels"] = (
                 base["ttft_from_pixels_ms"]["median"] / row["prefill_ms"]["median"]
             )
-    return {"settings": asdict(settings), "machine": machine(), "memory_method": memory_method, "results": results}
+    first = next(iter(configs.values()))
+    title = settings.model or f"{settings.llm} + {settings.vision}"
+    return {"title": title, "settings": asdict(settings), "machine": machine(), "memory_method": memory_method,
+            "results": results, "llm_layers": first.text_config.num_hidden_layers}
 
 
 def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
@@ -268,10 +293,10 @@ def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.38
     x = range(len(names))
-    measured = [results[n].get("prefill_speedup", 1) for n in names]
-    analytic = [results[n].get("analytic_speedup", 1) for n in names]
+    measured = [results[n].get("prefill_speedup", 0) for n in names]
+    analytic = [results[n].get("analytic_speedup", 0) for n in names]
     axes[0].bar([i - width / 2 for i in x], measured, width, label="measured prefill speed-up")
-    axes[0].bar([i + width / 2 for i in x], analytic, width, label="analytic FLOPs ratio")
+    axes[0].bar([i + width / 2 for i in x], analytic, width, label="analytic speed-up (FLOPs ratio)")
     axes[0].set_xticks(list(x), names)
     axes[0].set_ylabel("x faster than vanilla")
     axes[0].legend()
@@ -284,12 +309,16 @@ def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
     axes[1].legend()
     axes[1].set_title("Decoding")
     s = report["settings"]
-    figure.suptitle(f"{s['llm']} + {s['vision']} x{s['crops']} crops, {s['text_tokens']} text tokens, "
+    figure.suptitle(f"{report['title']}, {s['crops']} crop(s), {s['text_tokens']} text tokens, "
                     f"batch {s['batch']}, {s['dtype']} on {s['device']}")
     figure.tight_layout()
     figure.savefig(paths[2], dpi=110)
     plt.close(figure)
     return paths
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _mib(value) -> str:
@@ -299,7 +328,7 @@ def _mib(value) -> str:
 def markdown(report: dict) -> str:
     s, m = report["settings"], report["machine"]
     lines = [
-        f"### {s['llm']} + {s['vision']} ({s['crops']} crop(s)), {s['text_tokens']} text tokens, batch {s['batch']}, "
+        f"### {report['title']} ({s['crops']} crop(s)), {s['text_tokens']} text tokens, batch {s['batch']}, "
         f"{s['dtype']}, {s['device']}",
         "",
         f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
@@ -319,9 +348,9 @@ def markdown(report: dict) -> str:
 
     for name, row in report["results"].items():
         lines.append(
-            f"| {name} | {cell(row, 'prefill_ms')} | {row.get('prefill_speedup', 1):.2f}x | "
-            f"{row.get('analytic_speedup', 1):.2f}x | {cell(row, 'ttft_from_pixels_ms')} | "
-            f"{row['decode_ms_per_token']['median']:.1f} | {row['tokens_per_s']:.1f} | "
+            f"| {name} | {cell(row, 'prefill_ms')} | {_ratio(row.get('prefill_speedup'))} | "
+            f"{_ratio(row.get('analytic_speedup'))} | {cell(row, 'ttft_from_pixels_ms')} | "
+            f"{cell(row, 'decode_ms_per_token')} | {row['tokens_per_s']:.1f} | "
             f"{row['kv_cache_bytes'] / 2**20:.1f} | {_mib(row.get('prefill_peak_bytes'))} | "
             f"{cell(row, 'train_step_ms')} | {_mib(row.get('train_peak_bytes'))} |"
         )

@@ -33,12 +33,12 @@ def info() -> None:
 def flops(
     llm: str = typer.Option(..., help="LLM preset (e.g. qwen2-0.5b, vicuna-7b) or a Hugging Face config.json path."),
     vision: str = typer.Option(..., help="Vision preset: siglip-so400m-384, clip-l-336 or dinov2-s14-224."),
-    text_tokens: int = typer.Option(..., help="Non-vision tokens in the prompt (text, and crop newlines)."),
-    vision_tokens: int = typer.Option(None, help="All vision tokens of the sample (default: the encoder's x crops)."),
-    crops: int = typer.Option(1, help="Crops per image."),
+    text_tokens: int = typer.Option(..., min=1, help="Non-vision tokens in the prompt (text, and crop newlines)."),
+    vision_tokens: int = typer.Option(None, min=1, help="All vision tokens of the sample (default: encoder's x crops)."),
+    crops: int = typer.Option(1, min=1, help="Crops per image."),
     decoder: str = typer.Option("vanilla", help="Decoder for the JSON output: vanilla, himix or proxyv."),
-    proxyv_start_layer: int = typer.Option(None, help="ProxyV start layer (default: the middle layer)."),
-    proxyv_reduce_factor: int = typer.Option(4, help="ProxyV grid reduction per side."),
+    proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
+    proxyv_reduce_factor: int = typer.Option(4, min=1, help="ProxyV grid reduction per side."),
     convention: str = typer.Option("prefill", help="Counting convention: prefill, himix-paper or proxyv-paper."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for --decoder."),
 ) -> None:
@@ -61,8 +61,8 @@ def flops(
                                 proxyv_reduce_factor=proxyv_reduce_factor)
             for name in DECODERS
         }
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
+    except (ValueError, TypeError, KeyError) as error:
+        raise typer.BadParameter(f"cannot read the model shape: {error}") from error
     tokens = results["vanilla"]["tokens"]
     step = decode_flops(llm, tokens["vision"] + tokens["text"], convention)
     vanilla_total = results["vanilla"]["total_flops"]
@@ -94,16 +94,16 @@ def bench(
     vision: str = typer.Option("siglip-so400m-384", help="Vision preset (random weights, full depth)."),
     model: Path = typer.Option(None, help="A saved leanvlm model whose LLM and encoder replace the presets."),
     decoder: list[str] = typer.Option(["vanilla", "himix", "proxyv"], help="Decoders to compare (repeatable)."),
-    text_tokens: int = typer.Option(64, help="Text tokens after the image."),
-    crops: int = typer.Option(1, help="Crops per image."),
-    batch: int = typer.Option(1, help="Samples per batch."),
+    text_tokens: int = typer.Option(64, min=1, help="Text tokens after the image."),
+    crops: int = typer.Option(1, min=1, help="Crops per image."),
+    batch: int = typer.Option(1, min=1, help="Samples per batch."),
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    repeats: int = typer.Option(5, help="Measured repeats (after warm-up)."),
-    warmup: int = typer.Option(1, help="Warm-up repeats."),
-    decode_steps: int = typer.Option(16, help="Decode steps timed per repeat."),
-    proxyv_start_layer: int = typer.Option(12, help="ProxyV start layer."),
-    proxyv_reduce_factor: int = typer.Option(4, help="ProxyV grid reduction per side."),
+    repeats: int = typer.Option(5, min=1, help="Measured repeats (after warm-up)."),
+    warmup: int = typer.Option(1, min=0, help="Warm-up repeats."),
+    decode_steps: int = typer.Option(16, min=1, help="Decode steps timed per repeat."),
+    proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
+    proxyv_reduce_factor: int = typer.Option(4, min=1, help="ProxyV grid reduction per side."),
     train: bool = typer.Option(True, help="Also time one training step (forward + backward)."),
     out: Path = typer.Option(Path("bench"), help="Directory for NAME.json, NAME.md and NAME.png."),
     name: str = typer.Option("bench", help="File name stem of the outputs."),
@@ -116,10 +116,21 @@ def bench(
 
     from leanvlm.bench import BenchSettings, markdown, run_bench, write_report
 
+    import torch
+
+    from leanvlm.flops import LLM_PRESETS
+
     if dtype not in ("bfloat16", "float16", "float32"):
         raise typer.BadParameter("choose bfloat16, float16 or float32", param_hint="--dtype")
-    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise typer.BadParameter("use cpu, or cuda on a machine with a GPU", param_hint="--device")
+    for chosen in decoder:
+        if chosen not in ("vanilla", "himix", "proxyv"):
+            raise typer.BadParameter(f"{chosen!r}: choose vanilla, himix or proxyv", param_hint="--decoder")
+    if model is not None and not (model / "config.json").is_file():
+        raise typer.BadParameter(f"{model} holds no saved model (no config.json)", param_hint="--model")
+    if model is None and llm not in LLM_PRESETS:
+        raise typer.BadParameter(f"choose a preset: {', '.join(LLM_PRESETS)}", param_hint="--llm")
     settings = BenchSettings(llm=llm, vision=vision, decoders=list(decoder), text_tokens=text_tokens, crops=crops,
                              batch=batch, dtype=dtype, device=device, repeats=repeats, warmup=warmup,
                              decode_steps=decode_steps, proxyv_start_layer=proxyv_start_layer,
@@ -128,7 +139,10 @@ def bench(
     console = Console()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("building models", total=None)
-        report = run_bench(settings, progress=lambda text: progress.update(task, description=text))
+        try:
+            report = run_bench(settings, progress=lambda text: progress.update(task, description=text))
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from error
     console.print(Markdown(markdown(report)))
     for path in write_report(report, str(out), name):
         console.print(f"wrote {path}")

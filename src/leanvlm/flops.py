@@ -7,7 +7,10 @@ Counting conventions are explicit (`Convention`); the papers' own are presets:
 - "proxyv-paper": attention as a full rectangle, no lm_head, no connector (ProxyV, 2880 vision + 55 other tokens).
 - "prefill" (default): what an efficient prefill computes: causal attention pairs, lm_head on the last position only,
   connector counted.
-Token layout assumed for causal counts: the image(s) come before the text.
+Token layout assumed for causal counts: the image(s) come before the text, and crop newlines are counted as text
+after all crops (the exact masks differ by a few percent of the attention term). Probe counts are what the probe
+could save; leanvlm's probes compute and discard the vision rows. The attention-skip probe drops the vision rows'
+q and o projections (ProxyV's Table 1 keeps o counted).
 """
 
 from __future__ import annotations
@@ -148,6 +151,8 @@ def decoder_flops(
     conv = CONVENTIONS[convention] if isinstance(convention, str) else convention
     if decoder not in DECODERS:
         raise ValueError(f"Unknown decoder {decoder!r}; available decoders: {', '.join(DECODERS)}.")
+    if proxyv_start_layer is not None and proxyv_start_layer < 0:
+        raise ValueError(f"proxyv_start_layer must be >= 0, got {proxyv_start_layer}.")
     n = vision.tokens * crops if vision_tokens is None else vision_tokens
     m, d, layers = text_tokens, llm.hidden, llm.layers
     macs: dict[str, float] = {"qo": 0, "kv": 0, "attention": 0, "ffn": 0}
@@ -194,9 +199,9 @@ def decoder_flops(
                     macs["probe_light_mlps"] = macs.get("probe_light_mlps", 0) + n * (2 * d * quarter + quarter**2)
             layer(rows_q, t, pairs, rows_ffn)
         if start < layers:  # proxyv layers
-            side = math.isqrt(n // crops)
+            side = math.isqrt(n // crops)  # square grids as `proxyv.proxy_grid` sizes them; otherwise an estimate
             per_crop = (max(1, side // proxyv_reduce_factor) ** 2 if side * side == n // crops
-                        else max(1, n // crops // proxyv_reduce_factor**2))  # as `proxyv.proxy_grid` does
+                        else max(1, n // crops // proxyv_reduce_factor**2))
             proxies = per_crop * crops
             inner = proxyv_mlp_width or (d // 4 if d >= 1024 else d // 2)
             q, k = proxies + m, n + proxies + m
@@ -210,7 +215,7 @@ def decoder_flops(
                 macs["proxy_init"] = n * d * inner + proxies * (n // crops) * (inner + d)  # keys, logits, pooling
         if conv.connector:
             macs["connector"] = n * (vision.width * d + d * d)
-        positions = t if decoder == "vanilla" or start >= layers else n + m
+        positions = t
     macs["lm_head"] = {"all": positions, "last": 1, "none": 0}[conv.lm_head] * d * llm.vocab
     breakdown = {key: 2 * value for key, value in macs.items()}
     return {

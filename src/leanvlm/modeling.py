@@ -251,11 +251,13 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         logits_to_keep: int = 0,
         image_crops: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        return_logits: bool = True,
         **kwargs,
     ) -> LeanVLMOutput:
         """Prefill/training forward, or (with a filled `past_key_values`) a continuation over new text tokens, whose
         `attention_mask` then covers only the new tokens. `logits_to_keep=k` computes logits for the last k
-        positions only (0 = all)."""
+        positions only (0 = all); `return_logits=False` skips them (training: the loss needs only the scored
+        positions)."""
         if kwargs:
             raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
         valid = _valid_mask(input_ids, attention_mask)
@@ -274,10 +276,15 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_crops, image_context, labels)
             if cache is None and use_cache:
                 cache = KVCache(len(decoder_layers(self.language_model)))
-        return self._run(inputs, cache, logits_to_keep, output_hidden_states)
+        return self._run(inputs, cache, logits_to_keep, output_hidden_states, return_logits)
 
     def _run(
-        self, inputs: DecoderInputs, cache: KVCache | None, logits_to_keep: int = 0, output_hidden_states=False
+        self,
+        inputs: DecoderInputs,
+        cache: KVCache | None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+        return_logits: bool = True,
     ) -> LeanVLMOutput:
         hidden, states = run_decoder(
             self.language_model,
@@ -287,14 +294,17 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             gradient_checkpointing=self.gradient_checkpointing and self.training,
             output_hidden_states=output_hidden_states,
         )
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.language_model.lm_head(hidden)
         loss = None
         if inputs.labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), inputs.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            # lm_head only where a next token is scored (never on vision rows): the full logits of a vanilla
+            # sequence would dominate a training step's time and memory.
+            targets = inputs.labels[:, 1:]
+            scored = targets != IGNORE_INDEX
+            scored_logits = self.language_model.lm_head(hidden[:, :-1][scored])
+            loss = F.cross_entropy(scored_logits.float(), targets[scored], reduction="sum") / scored.sum().clamp(min=1)
+        logits = None
+        if return_logits:
+            logits = self.language_model.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return LeanVLMOutput(
             loss=loss,
             logits=logits,
