@@ -24,18 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from leanvlm.flops import Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
-
-# Full-depth vision encoder configs for the presets (random weights; only the shapes matter for timing).
-VISION_CONFIGS = {
-    "siglip-so400m-384": ("siglip_vision_model", dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                                      num_attention_heads=16, image_size=384, patch_size=14)),
-    "clip-l-336": ("clip_vision_model", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                             num_attention_heads=16, image_size=336, patch_size=14)),
-    "dinov2-s14-224": ("dinov2", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
-                                      num_attention_heads=6, image_size=224, patch_size=14)),
-}
-
+from leanvlm.flops import VISION_CONFIGS, Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
 
 @dataclass
 class BenchSettings:

@@ -8,6 +8,11 @@ from transformers.configuration_utils import SubConfigSpec
 IMAGE_TOKEN = "<image>"
 
 VISION_FEATURE_SELECTS = ("patch", "full", "drop_first")
+
+
+def proxyv_inner_width(hidden: int, width: int | None = None) -> int:
+    """Width d' of ProxyV's guided-update MLPs: `width` if set, else d/4 for d >= 1024 and d/2 below."""
+    return width or (hidden // 4 if hidden >= 1024 else hidden // 2)
 CONNECTOR_TYPES = ("mlp2x_gelu", "linear")
 
 

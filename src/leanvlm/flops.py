@@ -20,6 +20,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from leanvlm.config import proxyv_inner_width
+
 DECODERS = ("vanilla", "himix", "proxyv")
 
 
@@ -77,10 +79,18 @@ LLM_PRESETS = {
     "llama3-8b": LLMShape(4096, 32, 32, 8, 128, 14336, 128256),
     "qwen2-7b": LLMShape(3584, 28, 28, 4, 128, 18944, 152064),
 }
-VISION_PRESETS = {
-    "siglip-so400m-384": VisionShape(729, 1152),
-    "clip-l-336": VisionShape(576, 1024),
-    "dinov2-s14-224": VisionShape(256, 384),
+# Vision encoders as Hugging Face config fields (full depth); `leanvlm bench` builds random-weight encoders from them.
+VISION_CONFIGS = {
+    "siglip-so400m-384": ("siglip_vision_model", dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                      num_attention_heads=16, image_size=384, patch_size=14)),
+    "clip-l-336": ("clip_vision_model", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                             num_attention_heads=16, image_size=336, patch_size=14)),
+    "dinov2-s14-224": ("dinov2", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+                                      num_attention_heads=6, image_size=224, patch_size=14)),
+}
+VISION_PRESETS = {  # patch tokens per image (CLS dropped) and width
+    name: VisionShape((fields["image_size"] // fields["patch_size"]) ** 2, fields["hidden_size"])
+    for name, (_, fields) in VISION_CONFIGS.items()
 }
 
 
@@ -203,7 +213,7 @@ def decoder_flops(
             per_crop = (max(1, side // proxyv_reduce_factor) ** 2 if side * side == n // crops
                         else max(1, n // crops // proxyv_reduce_factor**2))
             proxies = per_crop * crops
-            inner = proxyv_mlp_width or (d // 4 if d >= 1024 else d // 2)
+            inner = proxyv_inner_width(d, proxyv_mlp_width)
             q, k = proxies + m, n + proxies + m
             pairs = q * k if full else _causal_pairs(proxies) + m * n + _causal_pairs(m)
             for _ in range(start, layers):
@@ -253,7 +263,7 @@ def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, ima
     from torch.utils.flop_counter import FlopCounterMode
 
     from leanvlm.decoders.base import ImageContext
-    from leanvlm.vision import encode_features
+    from leanvlm.vision import encode_features, patch_grid
 
     config = model.config
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -261,7 +271,8 @@ def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, ima
         if pixel_values is not None:
             features = encode_features(model.vision_model, pixel_values, config.feature_layers,
                                        config.vision_feature_select)
-            grid = model.encode_images(pixel_values[:1]).grid  # same geometry, outside the count
+            num_tokens = next(iter(features.values())).shape[1]
+            grid = patch_grid(pixel_values, config.vision_config.patch_size, num_tokens)
         with FlopCounterMode(display=False) as counter:
             if pixel_values is not None:
                 tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in features.items()})

@@ -36,7 +36,7 @@ from leanvlm.decoders.runner import run_decoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.llm import check_supported_text_config, decoder_layers
 from leanvlm.processing import ensure_image_token
-from leanvlm.vision import encode_features
+from leanvlm.vision import encode_features, patch_grid
 
 
 @dataclass
@@ -234,10 +234,9 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             )
         dtype = self.get_input_embeddings().weight.dtype
         tokens = self.decoder.project_images({layer: f.to(dtype) for layer, f in features.items()})
-        patch = self.config.vision_config.patch_size
-        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         num_tokens = next(iter(features.values())).shape[1]
-        return ImageContext(self.config.decoder, tokens, crops, grid if grid[0] * grid[1] == num_tokens else None)
+        grid = patch_grid(pixel_values, self.config.vision_config.patch_size, num_tokens)
+        return ImageContext(self.config.decoder, tokens, crops, grid)
 
     def forward(
         self,

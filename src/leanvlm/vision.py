@@ -56,3 +56,9 @@ def encode_features(
     patch = config.patch_size
     num_patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
     return {layer: select_tokens(outputs.hidden_states[layer], num_patches, select) for layer in set(layers)}
+
+
+def patch_grid(pixel_values: torch.Tensor, patch: int, num_tokens: int) -> tuple[int, int] | None:
+    """(rows, cols) of the patch grid when the selected tokens are exactly the patches, else None."""
+    grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+    return grid if grid[0] * grid[1] == num_tokens else None

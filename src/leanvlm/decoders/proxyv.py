@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from leanvlm.config import proxyv_inner_width
 from leanvlm.decoders.base import DecoderInputs, left_pad
 from leanvlm.decoders.layer import attention_update, project_qkv
 from leanvlm.decoders.vanilla import VanillaDecoder
@@ -111,7 +112,7 @@ class ProxyVDecoder(VanillaDecoder):
         layers = decoder_layers(language_model)
         self.start_layer = config.proxyv_start_layer
         self.factor = config.proxyv_reduce_factor
-        inner = config.proxyv_mlp_width or (width // 4 if width >= 1024 else width // 2)
+        inner = proxyv_inner_width(width, config.proxyv_mlp_width)
         norm_class = type(layers[0].input_layernorm)
         eps = config.text_config.rms_norm_eps
         self.vision_mlps = nn.ModuleList(
