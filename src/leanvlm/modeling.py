@@ -34,6 +34,7 @@ from leanvlm.decoders.cache import KVCache
 from leanvlm.decoders.proxyv import ProxyInitializer
 from leanvlm.decoders.runner import run_decoder
 from leanvlm.decoders.vanilla import VanillaDecoder
+from leanvlm.hub import PARTS, pretrained_part
 from leanvlm.llm import check_supported_text_config, decoder_layers
 from leanvlm.processing import ensure_image_token
 from leanvlm.vision import encode_features, patch_grid
@@ -124,8 +125,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         dtype: torch.dtype | None = None,
         **options,
     ) -> LeanVLMForConditionalGeneration:
-        """Assemble a VLM from an LLM and a vision encoder, each a model object, a local directory or a config
-        (random init). `options` are `LeanVLMConfig` fields (decoder options, feature layer, connector...).
+        """Assemble a VLM from an LLM and a vision encoder, each a model object, a local directory, a config (random
+        init), or the name of a packaged pretrained part ("smollm2-135m", "dinov2-s14"; see `leanvlm.hub`). `options` are `LeanVLMConfig` fields (decoder options, feature layer, connector...).
 
         The `<image>` placeholder id is `image_token_id` if given, else the tokenizer's `<image>` token (added to the
         tokenizer when missing), else a new id after the vocabulary; the embeddings grow when the id needs it.
@@ -391,6 +392,8 @@ def _existing_dir(path, what: str) -> str:
 
 
 def _load_language_model(part, dtype) -> PreTrainedModel:
+    if isinstance(part, str) and part in PARTS:  # a packaged pretrained part, converted once into the cache
+        part = pretrained_part(part)
     if isinstance(part, PreTrainedConfig):
         check_supported_text_config(part)
         return AutoModelForCausalLM.from_config(part)
@@ -409,6 +412,8 @@ def _load_language_model(part, dtype) -> PreTrainedModel:
 
 
 def _load_vision_model(part, dtype) -> PreTrainedModel:
+    if isinstance(part, str) and part in PARTS:
+        part = pretrained_part(part)
     if isinstance(part, PreTrainedConfig):
         return AutoModel.from_config(getattr(part, "vision_config", None) or part)
     if isinstance(part, (str, os.PathLike)):

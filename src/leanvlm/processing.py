@@ -95,6 +95,10 @@ class LeanVLMProcessor:
         """The processor that matches a model: its placeholder id, crop settings and (by default) its encoder's
         preprocessing."""
         config = model.config
+        if image_processor is None:  # the encoder checkpoint's own preprocessing, when it has one
+            source = getattr(model.vision_model, "name_or_path", "")
+            if source and os.path.isfile(os.path.join(source, "preprocessor_config.json")):
+                image_processor = AutoImageProcessor.from_pretrained(source)
         return cls.from_parts(
             tokenizer,
             image_processor,
