@@ -9,6 +9,8 @@ import typer
 app = typer.Typer(help="Vision-language models that spend little decoder compute on vision tokens.")
 analyze_app = typer.Typer(help="Look inside a trained model.")
 app.add_typer(analyze_app, name="analyze")
+data_app = typer.Typer(help="Make data sets.")
+app.add_typer(data_app, name="data")
 
 
 @app.callback(invoke_without_command=True)
@@ -146,6 +148,29 @@ def bench(
     console.print(Markdown(markdown(report)))
     for path in write_report(report, str(out), name):
         console.print(f"wrote {path}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Output directory."),
+    train: int = typer.Option(10000, min=0, help="Training samples."),
+    val: int = typer.Option(500, min=0, help="Validation samples."),
+    test: int = typer.Option(1000, min=0, help="Test samples."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same bytes."),
+    image_size: int = typer.Option(224, min=32, help="Image side in pixels."),
+) -> None:
+    """Generate ShapesVQA: images, LLaVA-format train/val/test JSON, a captions file and a card."""
+    from rich.console import Console
+
+    from leanvlm.data.synthetic import synthesize
+
+    console = Console()
+    with console.status("generating") as status:
+        counts = synthesize(str(out), train, val, test, seed, image_size,
+                            progress=lambda split: status.update(f"generating {split}"))
+    for split, families in counts.items():
+        console.print(f"{split}: {sum(families.values())} samples " + ", ".join(f"{k} {v}" for k, v in families.items()))
+    console.print(f"wrote {out}")
 
 
 def random_shape_images(count: int, seed: int, size: int = 224):
