@@ -1,0 +1,61 @@
+"""Conversation templates: a LLaVA-format conversation -> text segments, each marked as scored (assistant) or not.
+
+- "chat": the tokenizer's own `chat_template`; assistant spans are found by rendering the conversation turn by turn.
+- "plain": alignment captions: the human turn (the image) as context, the caption + end-of-sequence scored.
+- "vicuna_v1": LLaVA-1.5's `USER: ... ASSISTANT: ...</s>` format with its system line.
+"""
+
+from __future__ import annotations
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = ("chat", "plain", "vicuna_v1")
+
+
+def to_messages(conversations: list[dict], where: str) -> list[dict]:
+    """LLaVA turns ({"from", "value"}) -> chat messages ({"role", "content"}); unknown roles are an error."""
+    messages = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"{where}: every turn needs 'from' and 'value', got {turn!r}.")
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"{where}: unknown role {turn['from']!r}; use one of {', '.join(ROLES)}.")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def segments(messages: list[dict], template: str, tokenizer) -> list[tuple[str, bool]]:
+    """(text, scored) pieces whose concatenation is the rendered conversation."""
+    eos = tokenizer.eos_token or ""
+    if template == "plain":
+        return [(m["content"] + (eos if m["role"] == "assistant" else ""), m["role"] == "assistant")
+                for m in messages if m["role"] != "system"]
+    if template == "vicuna_v1":
+        system = next((m["content"] for m in messages if m["role"] == "system"), VICUNA_SYSTEM)
+        pieces = [(system + " ", False)]
+        for m in messages:
+            if m["role"] == "user":
+                pieces.append((f"USER: {m['content']} ASSISTANT:", False))
+            elif m["role"] == "assistant":
+                pieces.append((f" {m['content']}{eos}", True))
+        return pieces
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("The tokenizer has no chat_template; use template='vicuna_v1' or 'plain'.")
+        pieces, done = [], ""
+        for index, message in enumerate(messages):
+            upto = messages[: index + 1]
+            if message["role"] == "assistant":
+                prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+                pieces.append((prompt[len(done):], False))
+                done = prompt
+            text = tokenizer.apply_chat_template(upto, tokenize=False)
+            if not text.startswith(done):
+                raise ValueError("The tokenizer's chat_template does not render turn by turn as prefixes; use "
+                                 "template='vicuna_v1'.")
+            pieces.append((text[len(done):], message["role"] == "assistant"))
+            done = text
+        return [p for p in pieces if p[0]]
+    raise ValueError(f"Unknown template {template!r}; choose one of {', '.join(TEMPLATES)}.")

@@ -1,0 +1,127 @@
+"""LLaVA-format data: templates, assistant-only labels, malformed records, images, collation into a model batch."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from leanvlm import LeanVLMProcessor
+from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, length_grouped_sampler
+from tiny import build
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer():
+    corpus = ["What color is the square? red blue green", "How many circles? two three", "USER: ASSISTANT:\ncaption"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=90, special_tokens=[
+        "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture
+def setup(tmp_path):
+    tokenizer = bpe_tokenizer()
+    model = build("vanilla")
+    processor = LeanVLMProcessor.for_model(model, tokenizer)
+    for name, colour in [("a.png", "red"), ("b.png", "blue")]:
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name)
+    records = [
+        {"id": "one", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many circles?"}, {"from": "gpt", "value": "two"}]},
+        {"id": "two", "image": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "<image> and <image>: what color?"}, {"from": "gpt", "value": "blue"}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "three"}]},
+        {"id": "noplaceholder", "image": "b.png", "conversations": [
+            {"from": "human", "value": "What color?"}, {"from": "gpt", "value": "blue"}]},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return model, processor, tokenizer, path
+
+
+def scored_text(dataset, index, tokenizer):
+    ids, labels = dataset.tokenize(index)
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("vicuna_v1", [" red</s>", " two</s>"]),
+    ("chat", ["red<|im_end|>\n", "two<|im_end|>\n"]),
+    ("plain", ["red</s>", "two</s>"]),
+])
+def test_only_assistant_turns_are_scored(setup, template, expected):
+    _, processor, tokenizer, path = setup
+    dataset = LLaVADataset(str(path), processor, template=template)
+    assert scored_text(dataset, 0, tokenizer) == expected
+    ids, _ = dataset.tokenize(0)
+    assert ids.count(processor.image_token_id) == 1 and processor.tokenizer_image_id not in ids
+
+
+def test_images_text_only_and_collation_feed_the_model(setup):
+    model, processor, _, path = setup
+    dataset = LLaVADataset(str(path), processor, template="vicuna_v1")
+    assert [len(dataset[i]["images"]) for i in range(4)] == [1, 2, 0, 1]
+    assert dataset.tokenize(3)[0].count(processor.image_token_id) == 1  # placeholder added in front
+    batch = Collator(processor)([dataset[i] for i in range(4)])
+    assert batch["pixel_values"].shape[0] == 4 and batch["image_crops"].tolist() == [1, 1, 1, 1]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    order = list(length_grouped_sampler(dataset, batch_size=2, seed=0))
+    assert sorted(order) == [0, 1, 2, 3]
+
+
+def test_truncation_is_counted_and_keeps_placeholders_and_images_consistent(setup):
+    _, processor, _, path = setup
+    dataset = LLaVADataset(str(path), processor, template="vicuna_v1", max_length=5)
+    with pytest.warns(UserWarning, match="truncated"):
+        samples = [dataset[i] for i in range(4)]
+    assert dataset.truncated == 4
+    for sample in samples:
+        assert len(sample["input_ids"]) == 5
+        assert sample["input_ids"].count(processor.image_token_id) == len(sample["images"])
+
+
+def test_malformed_records_get_clear_errors(setup, tmp_path):
+    _, processor, _, _ = setup
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"conversations": []}\n{"conversations": [}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 2: invalid JSON"):
+        LLaVADataset(str(bad_line), processor)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[\n{"conversations": []},\n{oops}\n]')
+    with pytest.raises(ValueError, match="bad.json, line 3: invalid JSON"):
+        LLaVADataset(str(bad_json), processor)
+    role = tmp_path / "role.json"
+    role.write_text(json.dumps([{"id": "r1", "conversations": [{"from": "robot", "value": "hi"}]}]))
+    with pytest.raises(ValueError, match=r"record 0 \(id 'r1'\): unknown role 'robot'"):
+        LLaVADataset(str(role), processor)
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([
+        {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        {"id": "m", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>"}]},
+    ]))
+    with pytest.raises(FileNotFoundError, match=r"record 1 \(id 'm'\): image .*nope.png' not found"):
+        LLaVADataset(str(missing), processor)
+    kept = LLaVADataset(str(missing), processor, on_missing_image="skip")
+    assert len(kept) == 1 and kept.skipped == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLaVADataset(str(tmp_path / "absent.json"), processor)
