@@ -125,3 +125,36 @@ def test_malformed_records_get_clear_errors(setup, tmp_path):
     assert len(kept) == 1 and kept.skipped == 1
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLaVADataset(str(tmp_path / "absent.json"), processor)
+
+
+@pytest.mark.parametrize("decoder,options", [("vanilla", {}), ("himix", {"max_crops": 3})])
+def test_cached_features_equal_on_the_fly_ones(setup, tmp_path, decoder, options):
+    from leanvlm.data.features import FeatureCache, encode_images_to_cache, feature_signature
+
+    _, _, tokenizer, path = setup
+    model = build(decoder, **options)
+    processor = LeanVLMProcessor.for_model(model, tokenizer)
+    plain = LLaVADataset(str(path), processor, template="vicuna_v1")
+    cache = FeatureCache(str(tmp_path / "features"), feature_signature(model, processor))
+    counted = []
+    assert encode_images_to_cache(model, processor, plain.image_paths(), cache, batch_size=1, shard_images=1,
+                                  progress=counted.append) == 2  # a.png and b.png, once each
+    assert counted == [1, 1] and len(set(cache.index.values())) == 2  # a shard per image here
+    assert encode_images_to_cache(model, processor, plain.image_paths(), cache) == 0  # nothing left to encode
+    reopened = FeatureCache(str(tmp_path / "features"), feature_signature(model, processor))
+    cached = LLaVADataset(str(path), processor, template="vicuna_v1", feature_cache=reopened,
+                          feature_layers=model.config.feature_layers)
+    collate = Collator(processor)
+    from_pixels = collate([plain[i] for i in range(4)])
+    from_cache = collate([cached[i] for i in range(4)])
+    assert torch.equal(from_pixels["image_crops"], from_cache["image_crops"])
+    with torch.no_grad():
+        on_the_fly = model.encode_images(from_pixels["pixel_values"], from_pixels["image_crops"]).tokens
+        stored = model.context_from_features(from_cache["vision_features"], from_cache["image_crops"]).tokens
+        torch.testing.assert_close(stored, on_the_fly, atol=1e-6, rtol=0)  # batch composition changes the sums
+        a = model(**from_pixels).loss
+        b = model(**from_cache).loss
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    other = FeatureCache(str(tmp_path / "features"), "another-encoder")
+    with pytest.raises(KeyError, match="leanvlm data encode"):
+        LLaVADataset(str(path), processor, feature_cache=other, feature_layers=[-2])[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
@@ -233,10 +234,26 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             features = encode_features(
                 self.vision_model, pixel_values, self.config.feature_layers, self.config.vision_feature_select
             )
-        dtype = self.get_input_embeddings().weight.dtype
-        tokens = self.decoder.project_images({layer: f.to(dtype) for layer, f in features.items()})
         num_tokens = next(iter(features.values())).shape[1]
         grid = patch_grid(pixel_values, self.config.vision_config.patch_size, num_tokens)
+        return self.context_from_features(features, crops, grid)
+
+    def context_from_features(self, features: dict, image_crops=None, grid=None) -> ImageContext:
+        """An image context from encoder features {layer: (n_crops, N, d_v)} (e.g. from the feature cache). Without
+        `grid`, square crops are assumed: the N tokens form a sqrt(N) x sqrt(N) patch grid when N is a square."""
+        missing = [layer for layer in self.config.feature_layers if layer not in features]
+        if missing:
+            raise ValueError(f"vision_features lacks encoder layer(s) {missing}; this model reads "
+                             f"{self.config.feature_layers}.")
+        dtype = self.get_input_embeddings().weight.dtype
+        device = self.get_input_embeddings().weight.device
+        tokens = self.decoder.project_images(
+            {layer: features[layer].to(device, dtype) for layer in self.config.feature_layers}
+        )
+        if grid is None:
+            side = math.isqrt(tokens.shape[-2])
+            grid = (side, side) if side * side == tokens.shape[-2] else None
+        crops = None if image_crops is None else [int(c) for c in torch.as_tensor(image_crops).flatten().tolist()]
         return ImageContext(self.config.decoder, tokens, crops, grid)
 
     def forward(
@@ -252,6 +269,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         image_crops: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_logits: bool = True,
+        vision_features: dict | None = None,
         **kwargs,
     ) -> LeanVLMOutput:
         """Prefill/training forward, or (with a filled `past_key_values`) a continuation over new text tokens, whose
@@ -273,6 +291,10 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             self._check_continuation(input_ids, pixel_values, image_context, labels, cache)
             inputs = self._continuation_inputs(input_ids, valid, cache)
         else:
+            if vision_features is not None:  # cached encoder features instead of pixels
+                if pixel_values is not None or image_context is not None:
+                    raise ValueError("Pass one of pixel_values, image_context or vision_features.")
+                image_context = self.context_from_features(vision_features, image_crops)
             inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_crops, image_context, labels)
             if cache is None and use_cache:
                 cache = KVCache(len(decoder_layers(self.language_model)))

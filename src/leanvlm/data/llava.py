@@ -49,10 +49,12 @@ class LLaVADataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, processor, template: str = "chat", image_root: str | None = None,
-                 max_length: int = 2048, on_missing_image: str = "error"):
+                 max_length: int = 2048, on_missing_image: str = "error", feature_cache=None, feature_layers=None):
         if on_missing_image not in ("error", "skip"):
             raise ValueError("on_missing_image must be 'error' or 'skip'.")
         self.processor, self.template, self.max_length = processor, template, max_length
+        # With a `leanvlm.data.features.FeatureCache`, samples carry cached encoder features instead of images.
+        self.feature_cache, self.feature_layers = feature_cache, feature_layers
         root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
         self.records, self.skipped, self.truncated = [], 0, 0
         for index, record in enumerate(read_records(path)):
@@ -104,7 +106,14 @@ class LLaVADataset(torch.utils.data.Dataset):
                 warnings.warn(f"Samples longer than max_length={self.max_length} are truncated (see .truncated).")
                 self._warned = True
             paths = paths[: ids.count(self.processor.image_token_id)]
+        if self.feature_cache is not None:
+            features = [{layer: self.feature_cache.get(self.feature_cache.key(p, layer)) for layer in self.feature_layers}
+                        for p in paths]
+            return {"input_ids": ids, "labels": labels, "features": features}
         return {"input_ids": ids, "labels": labels, "images": [Image.open(p).convert("RGB") for p in paths]}
+
+    def image_paths(self) -> list[str]:
+        return [p for _, paths, _ in self.records for p in paths]
 
     def lengths(self) -> list[int]:
         """Token lengths (images counted as one placeholder), for length-grouped sampling."""
@@ -130,7 +139,12 @@ class Collator:
             labels[row, :n] = torch.tensor(sample["labels"])
             mask[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-        images = [image for sample in samples for image in sample["images"]]
+        features = [image for sample in samples for image in sample.get("features", [])]
+        if features:  # cached encoder features: {layer: (n_crops, N, d_v)} per image
+            batch["vision_features"] = {layer: torch.cat([f[layer] for f in features]) for layer in features[0]}
+            batch["image_crops"] = torch.tensor([next(iter(f.values())).shape[0] for f in features])
+            return batch
+        images = [image for sample in samples for image in sample.get("images", [])]
         if images:
             crops = [self.processor.crops_of(image) for image in images]
             flat = [crop for image_crops in crops for crop in image_crops]

@@ -1,0 +1,99 @@
+"""Vision feature cache: the encoder is frozen, so its features are computed once and stored in safetensors shards,
+each tensor keyed by the image's content hash + the encoder + the layer + the crop settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from leanvlm.vision import encode_features
+
+INDEX = "index.json"
+
+
+def feature_signature(model, processor) -> str:  # model: a LeanVLMForConditionalGeneration
+    """What the features depend on besides the image: encoder (config + weights' origin), token selection and crop
+    settings."""
+    config = model.config
+    parts = {
+        "encoder": getattr(model.vision_model, "name_or_path", ""),
+        "vision_config": config.vision_config.to_json_string(use_diff=False),
+        "select": config.vision_feature_select,
+        "max_crops": processor.max_crops,
+        "pinpoints": processor.image_grid_pinpoints,
+        "crop_size": processor.crop_size,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def image_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class FeatureCache:
+    """`directory` holds shards `features-NNNNN.safetensors` and `index.json` {key: shard}; writes are atomic."""
+
+    def __init__(self, directory: str, signature: str):
+        self.directory, self.signature = directory, signature
+        path = os.path.join(directory, INDEX)
+        self.index = json.load(open(path)) if os.path.isfile(path) else {}
+
+    def key(self, image_path: str, layer: int) -> str:
+        return f"{image_hash(image_path)}-{self.signature}-layer{layer}"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.index:
+            raise KeyError(f"No cached features for {key}; run `leanvlm data encode` with the same encoder and crop "
+                           "settings first.")
+        with safe_open(os.path.join(self.directory, self.index[key]), "pt") as shard:
+            return shard.get_tensor(key)
+
+    def add_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        name = f"features-{len(set(self.index.values())):05d}.safetensors"
+        temporary = os.path.join(self.directory, f".{name}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary)
+        os.replace(temporary, os.path.join(self.directory, name))
+        self.index.update({key: name for key in tensors})
+        temporary = os.path.join(self.directory, f".{INDEX}.tmp")
+        with open(temporary, "w") as f:
+            json.dump(self.index, f)
+        os.replace(temporary, os.path.join(self.directory, INDEX))
+
+
+def encode_images_to_cache(model, processor, image_paths: list[str], cache: FeatureCache, batch_size: int = 16,
+                           shard_images: int = 256, progress=None) -> int:
+    """Encode every image not cached yet (all its crops, every layer the model consumes); return how many."""
+    from PIL import Image
+
+    layers = model.config.feature_layers
+    todo = sorted({p for p in image_paths if any(cache.key(p, layer) not in cache for layer in layers)})
+    pending: dict[str, torch.Tensor] = {}
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        crops = [processor.crops_of(Image.open(p).convert("RGB")) for p in chunk]
+        pixels = processor.image_processor([c for cs in crops for c in cs], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            features = encode_features(model.vision_model, pixels, layers, model.config.vision_feature_select)
+        offset = 0
+        for path, image_crops in zip(chunk, crops):
+            for layer in layers:
+                pending[cache.key(path, layer)] = features[layer][offset : offset + len(image_crops)].clone()
+            offset += len(image_crops)
+        if len(pending) >= shard_images * len(layers):
+            cache.add_shard(pending)
+            pending = {}
+        if progress is not None:
+            progress(len(chunk))
+    if pending:
+        cache.add_shard(pending)
+    return len(todo)
