@@ -137,9 +137,9 @@ def test_cached_features_equal_on_the_fly_ones(setup, tmp_path, decoder, options
     plain = LLaVADataset(str(path), processor, template="vicuna_v1")
     cache = FeatureCache(str(tmp_path / "features"), feature_signature(model, processor))
     counted = []
-    assert encode_images_to_cache(model, processor, plain.image_paths(), cache, batch_size=1, shard_images=1,
+    assert encode_images_to_cache(model, processor, plain.image_paths(), cache, batch_size=2, shard_images=1,
                                   progress=counted.append) == 2  # a.png and b.png, once each
-    assert counted == [1, 1] and len(set(cache.index.values())) == 2  # a shard per image here
+    assert counted == [2] and len(set(cache.index.values())) == 1  # both images in one batch and one shard
     assert encode_images_to_cache(model, processor, plain.image_paths(), cache) == 0  # nothing left to encode
     reopened = FeatureCache(str(tmp_path / "features"), feature_signature(model, processor))
     cached = LLaVADataset(str(path), processor, template="vicuna_v1", feature_cache=reopened,
