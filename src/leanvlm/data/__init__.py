@@ -1,1 +1,1 @@
-"""Data sets: the ShapesVQA generator."""
+"""Data: the ShapesVQA generator (synthetic), LLaVA-format datasets (llava, templates), the feature cache (features)."""
