@@ -146,11 +146,15 @@ class LeanVLMProcessor:
         input_ids[input_ids == self.tokenizer_image_id] = self.image_token_id
         data = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
         if flat_images:
-            crops = [self.crops_of(image) for image in flat_images]
-            flat_crops = [crop for image_crops in crops for crop in image_crops]
-            data["pixel_values"] = self.image_processor(flat_crops, return_tensors="pt")["pixel_values"]
-            data["image_crops"] = torch.tensor([len(image_crops) for image_crops in crops])
+            data["pixel_values"], data["image_crops"] = self.preprocess_images(flat_images)
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def preprocess_images(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> pixel_values (one row per crop, image by image) and image_crops (crops per image)."""
+        crops = [self.crops_of(image) for image in images]
+        flat = [crop for image_crops in crops for crop in image_crops]
+        pixel_values = self.image_processor(flat, return_tensors="pt")["pixel_values"]
+        return pixel_values, torch.tensor([len(image_crops) for image_crops in crops])
 
     def batch_decode(self, token_ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(self._printable(token_ids), **kwargs)

@@ -80,15 +80,14 @@ def encode_images_to_cache(model, processor, image_paths: list[str], cache: Feat
     pending: dict[str, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        crops = [processor.crops_of(Image.open(p).convert("RGB")) for p in chunk]
-        pixels = processor.image_processor([c for cs in crops for c in cs], return_tensors="pt")["pixel_values"]
+        pixels, crops = processor.preprocess_images([Image.open(p).convert("RGB") for p in chunk])
         with torch.no_grad():
             features = encode_features(model.vision_model, pixels, layers, model.config.vision_feature_select)
         offset = 0
-        for path, image_crops in zip(chunk, crops):
+        for path, count in zip(chunk, crops.tolist()):
             for layer in layers:
-                pending[cache.key(path, layer)] = features[layer][offset : offset + len(image_crops)].clone()
-            offset += len(image_crops)
+                pending[cache.key(path, layer)] = features[layer][offset : offset + count].clone()
+            offset += count
         if len(pending) >= shard_images * len(layers):
             cache.add_shard(pending)
             pending = {}

@@ -146,10 +146,7 @@ class Collator:
             return batch
         images = [image for sample in samples for image in sample.get("images", [])]
         if images:
-            crops = [self.processor.crops_of(image) for image in images]
-            flat = [crop for image_crops in crops for crop in image_crops]
-            batch["pixel_values"] = self.processor.image_processor(flat, return_tensors="pt")["pixel_values"]
-            batch["image_crops"] = torch.tensor([len(c) for c in crops])
+            batch["pixel_values"], batch["image_crops"] = self.processor.preprocess_images(images)
         return batch
 
 
