@@ -173,34 +173,14 @@ def data_synth(
     console.print(f"wrote {out}")
 
 
-def random_shape_images(count: int, seed: int, size: int = 224):
-    """Simple seeded pictures (a few coloured rectangles and ellipses) for when no images are given."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    images = []
-    for _ in range(count):
-        image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
-        draw = ImageDraw.Draw(image)
-        for _ in range(rng.randint(1, 5)):
-            x, y = rng.randrange(size - 40), rng.randrange(size - 40)
-            box = [x, y, x + rng.randint(20, 80), y + rng.randint(20, 80)]
-            colour = tuple(rng.randrange(256) for _ in range(3))
-            (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
-        images.append(image)
-    return images
-
-
 @analyze_app.command("redundancy")
 def analyze_redundancy(
     model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor (vanilla or proxyv)."),
-    image: list[Path] = typer.Option(None, "--image", help="Image file(s); default: random shape pictures."),
+    image: list[Path] = typer.Option(None, "--image", help="Image file(s); default: ShapesVQA pictures."),
     prompt: str = typer.Option("<image>\nDescribe the image.", help="Prompt, with one <image> placeholder."),
-    samples: int = typer.Option(8, help="Number of random pictures when no --image is given."),
+    samples: int = typer.Option(8, help="Number of ShapesVQA pictures when no --image is given."),
     batch_size: int = typer.Option(4, help="Samples per forward pass."),
-    seed: int = typer.Option(0, help="Seed of the random pictures."),
+    seed: int = typer.Option(0, help="Seed of the ShapesVQA pictures."),
     out: Path = typer.Option(Path("redundancy"), help="Directory for redundancy.json and redundancy.png."),
 ) -> None:
     """Per layer: how much vision and text tokens' hidden states change (cosine with the previous layer and with
@@ -212,6 +192,7 @@ def analyze_redundancy(
 
     from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
     from leanvlm.analysis import METRICS, RedundancyStats, save_redundancy
+    from leanvlm.data.synthetic import generate, render, scene_from_dict
 
     console = Console()
     if prompt.count("<image>") != 1:
@@ -221,7 +202,10 @@ def analyze_redundancy(
             raise typer.BadParameter(f"{path} is not a file", param_hint="--image")
     model = LeanVLMForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = LeanVLMProcessor.from_pretrained(model_dir)
-    pictures = [Image.open(p).convert("RGB") for p in image] if image else random_shape_images(samples, seed)
+    if image:
+        pictures = [Image.open(p).convert("RGB") for p in image]
+    else:
+        pictures = [render(scene_from_dict(sample["scene"])) for sample in generate(samples, seed)]
     stats = RedundancyStats()
     for start in track(range(0, len(pictures), batch_size), description="Analysing", console=console):
         chunk = pictures[start : start + batch_size]

@@ -57,6 +57,12 @@ class Scene:
     background: tuple[int, int, int]
 
 
+def scene_from_dict(fields: dict) -> Scene:
+    """The inverse of `dataclasses.asdict(scene)` (how records store their scene)."""
+    return Scene(tuple(Thing(**t) for t in fields["things"]), fields["word"], fields["word_cell"],
+                 tuple(fields["background"]))
+
+
 def rows_cols(cell: int) -> tuple[int, int]:
     return divmod(cell, 3)
 
@@ -208,9 +214,7 @@ def write_split(samples: list[dict], out_dir: str, split: str, image_size: int =
     for index, sample in enumerate(samples):
         sample_id = f"{split}-{index:06d}"
         relative = os.path.join("images", split, f"{sample_id}.png")
-        scene = sample["scene"]
-        render(Scene(tuple(Thing(**t) for t in scene["things"]), scene["word"], scene["word_cell"],
-                     tuple(scene["background"])), image_size).save(os.path.join(out_dir, relative))
+        render(scene_from_dict(sample["scene"]), image_size).save(os.path.join(out_dir, relative))
         records.append({
             "id": sample_id,
             "image": relative,
