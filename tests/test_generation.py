@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leanvlm import KVCache
-from tiny import build, left_padded, pixels, prompt
+from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 
 DECODERS = ["vanilla", "himix"]
 
@@ -40,16 +40,9 @@ def test_cached_decoding_equals_full_recomputation(decoder):
     model = build(decoder, "qwen3")
     rows, _, images = three_prompts(model)
     ids, mask = left_padded(rows)
-    new = torch.randint(3, 90, (3, 5))
-    with torch.no_grad():
-        cache = KVCache(model.config.text_config.num_hidden_layers)
-        step_logits = [model(ids, mask, pixel_values=images, past_key_values=cache).logits[:, -1]]
-        for t in range(4):
-            step_logits.append(model(new[:, t : t + 1], past_key_values=cache).logits[:, -1])
-        full_ids = torch.cat([ids, new[:, :4]], dim=1)
-        full_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], dim=1)
-        full = model(full_ids, full_mask, pixel_values=images).logits[:, -5:]
-    torch.testing.assert_close(torch.stack(step_logits, dim=1), full, atol=1e-4, rtol=0)
+    stepped, full, cache = cached_and_recomputed(model, ids, mask, torch.randint(3, 90, (3, 4)),
+                                                 pixel_values=images)
+    torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
     # longest prompt: its placeholder becomes 16 vision tokens (vanilla) or 16 prefix keys in front of the text
     # (himix); then 4 decoded tokens
     text = model.config.text_config

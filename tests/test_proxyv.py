@@ -9,9 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from leanvlm import KVCache
 from leanvlm.decoders.proxyv import FULL, PROXY, REST, ProxyInitializer, build_proxy_mask, spatial_proxies
-from tiny import build, left_padded, pixels, prompt
+from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 
 OPTIONS = dict(proxyv_reduce_factor=2)  # 4x4 patch grid -> 2x2 proxies per crop
 
@@ -156,18 +155,12 @@ def test_cached_decoding_equals_recomputation():
     rows, crops, _ = crops_batch(model)
     context = model.encode_images(pixels(sum(crops), seed=4), torch.tensor(crops))
     ids, mask = left_padded(rows)
-    new = torch.randint(3, 90, (3, 4))
+    stepped, full, cache = cached_and_recomputed(model, ids, mask, torch.randint(3, 90, (3, 3)),
+                                                 image_context=context)
+    torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
     with torch.no_grad():
-        cache = KVCache(model.config.text_config.num_hidden_layers)
-        steps = [model(ids, mask, image_context=context, past_key_values=cache).logits[:, -1]]
-        for t in range(3):
-            steps.append(model(new[:, t:t + 1], past_key_values=cache).logits[:, -1])
         layout = model(ids, mask, image_context=context).attention_mask.shape[1]
-        assert cache.length == layout + 3  # no proxy slots left after the prefill
-        full_ids = torch.cat([ids, new[:, :3]], dim=1)
-        full_mask = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], dim=1)
-        full = model(full_ids, full_mask, image_context=context).logits[:, -4:]
-    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-4, rtol=0)
+    assert cache.length == layout + 3  # no proxy slots left after the prefill
 
 
 def test_text_after_the_image_never_reaches_full_or_proxy_states():

@@ -85,6 +85,21 @@ def prompt(model, *pieces) -> list[int]:
     return [model.config.image_token_id if p == "<image>" else p for p in pieces]
 
 
+@torch.no_grad()
+def cached_and_recomputed(model, ids, mask, new, **images):
+    """Next-token logits two ways: a cached prefill then one cached step per token of `new` (B, n), and one full
+    forward over prompt + new. Returns (stepped (B, n + 1, V), full (B, n + 1, V), the cache)."""
+    from leanvlm import KVCache
+
+    cache = KVCache(model.config.text_config.num_hidden_layers)
+    steps = [model(ids, mask, past_key_values=cache, **images).logits[:, -1]]
+    for t in range(new.shape[1]):
+        steps.append(model(new[:, t : t + 1], past_key_values=cache).logits[:, -1])
+    full_mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
+    full = model(torch.cat([ids, new], dim=1), full_mask, **images).logits[:, -(new.shape[1] + 1) :]
+    return torch.stack(steps, dim=1), full, cache
+
+
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad, dtype=torch.long)
