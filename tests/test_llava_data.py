@@ -129,19 +129,20 @@ def test_malformed_records_get_clear_errors(setup, tmp_path):
 
 @pytest.mark.parametrize("decoder,options", [("vanilla", {}), ("himix", {"max_crops": 3})])
 def test_cached_features_equal_on_the_fly_ones(setup, tmp_path, decoder, options):
-    from leanvlm.data.features import FeatureCache, encode_images_to_cache, feature_signature
+    from leanvlm.data.features import FeatureCache, encode_images_to_cache, model_feature_signature
 
     _, _, tokenizer, path = setup
     model = build(decoder, **options)
     processor = LeanVLMProcessor.for_model(model, tokenizer)
     plain = LLaVADataset(str(path), processor, template="vicuna_v1")
-    cache = FeatureCache(str(tmp_path / "features"), feature_signature(model, processor))
+    cache = FeatureCache(str(tmp_path / "features"), model_feature_signature(model, processor))
     counted = []
-    assert encode_images_to_cache(model, processor, plain.image_paths(), cache, batch_size=2, shard_images=1,
+    encode = (model.vision_model, processor, model.config.feature_layers, model.config.vision_feature_select)
+    assert encode_images_to_cache(*encode, plain.image_paths(), cache, batch_size=2, shard_images=1,
                                   progress=counted.append) == 2  # a.png and b.png, once each
     assert counted == [2] and len(set(cache.index.values())) == 1  # both images in one batch and one shard
-    assert encode_images_to_cache(model, processor, plain.image_paths(), cache) == 0  # nothing left to encode
-    reopened = FeatureCache(str(tmp_path / "features"), feature_signature(model, processor))
+    assert encode_images_to_cache(*encode, plain.image_paths(), cache) == 0  # nothing left to encode
+    reopened = FeatureCache(str(tmp_path / "features"), model_feature_signature(model, processor))
     cached = LLaVADataset(str(path), processor, template="vicuna_v1", feature_cache=reopened,
                           feature_layers=model.config.feature_layers)
     collate = Collator(processor)
@@ -158,3 +159,51 @@ def test_cached_features_equal_on_the_fly_ones(setup, tmp_path, decoder, options
     other = FeatureCache(str(tmp_path / "features"), "another-encoder")
     with pytest.raises(KeyError, match="leanvlm data encode"):
         LLaVADataset(str(path), processor, feature_cache=other, feature_layers=[-2])[0]
+
+
+def test_data_encode_cli_features_serve_a_model_built_from_the_same_encoder(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from leanvlm import LeanVLMForConditionalGeneration
+    from leanvlm.cli import app
+    from leanvlm.data.features import FeatureCache, model_feature_signature
+
+    trained, _, tokenizer, path = setup
+    encoder_dir = tmp_path / "encoder"
+    trained.vision_model.save_pretrained(encoder_dir)
+    out = tmp_path / "features"
+    command = ["data", "encode", "--data", str(path), "--vision", str(encoder_dir), "--out", str(out),
+               "--dtype", "float32", "--batch-size", "1"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "2 image(s) encoded" in result.output
+    settings = json.loads((out / "features.json").read_text())
+    assert settings["layers"] == [-2] and settings["images"] == 2
+    assert "0 image(s) encoded, 2 already cached" in CliRunner().invoke(app, command).output
+
+    model = LeanVLMForConditionalGeneration.from_parts(trained.language_model, str(encoder_dir)).eval()
+    processor = LeanVLMProcessor.for_model(model, tokenizer)
+    cache = FeatureCache(str(out), model_feature_signature(model, processor))
+    assert cache.signature == settings["signature"]
+    cached = LLaVADataset(str(path), processor, feature_cache=cache, feature_layers=[-2])
+    plain = LLaVADataset(str(path), processor)
+    collate = Collator(processor)
+    from_pixels, from_cache = collate([plain[1]]), collate([cached[1]])
+    with torch.no_grad():
+        expected = model.encode_images(from_pixels["pixel_values"], from_pixels["image_crops"]).tokens
+        stored = model.context_from_features(from_cache["vision_features"], from_cache["image_crops"]).tokens
+    torch.testing.assert_close(stored, expected, atol=1e-6, rtol=0)
+
+
+def test_data_encode_cli_errors(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from leanvlm.cli import app
+
+    _, _, _, path = setup
+    out = str(tmp_path / "features")
+    result = CliRunner().invoke(app, ["data", "encode", "--data", str(path), "--out", out])
+    assert result.exit_code != 0 and "exactly one of --vision and --model" in result.output
+    (tmp_path / "b.png").unlink()
+    result = CliRunner().invoke(app, ["data", "encode", "--data", str(path), "--out", out, "--vision", "dinov2-s14"])
+    assert result.exit_code != 0 and "record 1 (id 'two')" in " ".join(result.output.replace("│", " ").split())

@@ -9,7 +9,7 @@ import typer
 app = typer.Typer(help="Vision-language models that spend little decoder compute on vision tokens.")
 analyze_app = typer.Typer(help="Look inside a trained model.")
 app.add_typer(analyze_app, name="analyze")
-data_app = typer.Typer(help="Make data sets.")
+data_app = typer.Typer(help="Make data sets and precompute encoder features.")
 app.add_typer(data_app, name="data")
 
 
@@ -171,6 +171,84 @@ def data_synth(
     for split, families in counts.items():
         console.print(f"{split}: {sum(families.values())} samples " + ", ".join(f"{k} {v}" for k, v in families.items()))
     console.print(f"wrote {out}")
+
+
+@data_app.command("encode")
+def data_encode(
+    data: list[Path] = typer.Option(..., help="LLaVA-format JSON/JSONL file(s) whose images to encode (repeatable)."),
+    out: Path = typer.Option(..., help="Feature cache directory (shards + index.json; reused across runs)."),
+    vision: str = typer.Option(None, help="Encoder: a packaged part (dinov2-s14) or a Hugging Face directory."),
+    model: Path = typer.Option(None, help="A saved leanvlm model: its encoder, feature layers and crop settings."),
+    layer: list[int] = typer.Option([-2], help="Encoder hidden-state index to keep (repeatable); with --vision."),
+    select: str = typer.Option("patch", help="Token selection: patch, full or drop_first; with --vision."),
+    max_crops: int = typer.Option(1, min=1, help="Crops per image (AnyRes when > 1); with --vision."),
+    dtype: str = typer.Option("bfloat16", help="Encoder dtype (the features keep it): bfloat16 or float32."),
+    image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
+    batch_size: int = typer.Option(16, min=1, help="Images per encoder batch."),
+) -> None:
+    """Precompute frozen-encoder features for every image of the data files, so training reads them instead of
+    running the encoder. Images already in the cache are skipped; an interrupted run keeps its finished shards."""
+    import json
+    import time
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from leanvlm.data.features import FeatureCache, encode_images_to_cache, feature_signature
+    from leanvlm.data.llava import data_image_paths
+    from leanvlm.modeling import load_vision_model
+    from leanvlm.processing import ImagePreprocessor, encoder_image_processor
+
+    if (vision is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --vision and --model", param_hint="--vision/--model")
+    if dtype not in ("bfloat16", "float32"):
+        raise typer.BadParameter("choose bfloat16 or float32", param_hint="--dtype")
+    if select not in ("patch", "full", "drop_first"):
+        raise typer.BadParameter("choose patch, full or drop_first", param_hint="--select")
+    console = Console()
+    try:
+        paths = [p for f in data for p in data_image_paths(str(f), str(image_root) if image_root else None)]
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--data") from error
+    if model is not None:
+        from leanvlm import LeanVLMConfig
+
+        if not (model / "config.json").is_file():
+            raise typer.BadParameter(f"{model} holds no saved model (no config.json)", param_hint="--model")
+        config = LeanVLMConfig.from_pretrained(model)
+        layers, select, max_crops, pinpoints = (config.feature_layers, config.vision_feature_select,
+                                                config.max_crops, config.image_grid_pinpoints)
+        from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
+
+        encoder = LeanVLMForConditionalGeneration.from_pretrained(model, dtype=getattr(torch, dtype)).vision_model
+        images = LeanVLMProcessor.from_pretrained(model)
+    else:
+        layers, pinpoints = sorted(set(layer)), None
+        try:
+            encoder = load_vision_model(vision, getattr(torch, dtype))
+        except (OSError, ValueError, KeyError, ModuleNotFoundError) as error:
+            raise typer.BadParameter(str(error), param_hint="--vision") from error
+        images = ImagePreprocessor(encoder_image_processor(encoder), max_crops, pinpoints)
+    encoder = encoder.to(getattr(torch, dtype)).eval()
+    signature = feature_signature(encoder, select, images)
+    cache = FeatureCache(str(out), signature)
+    unique = sorted(set(paths))
+    started = time.perf_counter()
+    columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("encode", total=len(unique))
+        progress.advance(task, len(unique) - len({p for p in unique
+                                                  if any(cache.key(p, k) not in cache for k in layers)}))
+        encoded = encode_images_to_cache(encoder, images, layers, select, unique, cache, batch_size,
+                                         progress=lambda n: progress.advance(task, n))
+    seconds = time.perf_counter() - started
+    settings = {"signature": signature, "encoder": encoder.name_or_path, "layers": layers, "select": select,
+                "max_crops": max_crops, "image_grid_pinpoints": pinpoints, "dtype": dtype,
+                "images": len(unique), "encoded_now": encoded, "seconds": round(seconds, 2)}
+    (out / "features.json").write_text(json.dumps(settings, indent=2))
+    console.print(f"{encoded} image(s) encoded, {len(unique) - encoded} already cached, in {seconds:.1f} s; "
+                  f"wrote {out} (signature {signature})")
 
 
 @analyze_app.command("redundancy")

@@ -136,7 +136,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         if unknown:
             raise TypeError(f"Unknown option(s) {unknown}; valid options are the fields of LeanVLMConfig.")
         language_model = _load_language_model(language_model, dtype)
-        vision_model = _load_vision_model(vision_model, dtype)
+        vision_model = load_vision_model(vision_model, dtype)
         if image_token_id is None and tokenizer is not None:
             image_token_id = ensure_image_token(tokenizer)
         vocab_rows = language_model.get_input_embeddings().num_embeddings
@@ -433,7 +433,8 @@ def _load_language_model(part, dtype) -> PreTrainedModel:
     raise TypeError(f"language_model must be a model, a local directory or a config, got {type(part).__name__}.")
 
 
-def _load_vision_model(part, dtype) -> PreTrainedModel:
+def load_vision_model(part, dtype=None) -> PreTrainedModel:
+    """A vision encoder from a model object, a local directory, a config (random init) or a packaged part name."""
     if isinstance(part, str) and part in PARTS:
         part = pretrained_part(part)
     if isinstance(part, PreTrainedConfig):

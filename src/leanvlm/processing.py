@@ -39,6 +39,14 @@ def default_image_processor(vision_config):
     )
 
 
+def encoder_image_processor(vision_model):
+    """The encoder checkpoint's own preprocessing when it has one, else the default for its config."""
+    source = getattr(vision_model, "name_or_path", "")
+    if source and os.path.isfile(os.path.join(source, "preprocessor_config.json")):
+        return AutoImageProcessor.from_pretrained(source)
+    return default_image_processor(vision_model.config)
+
+
 def ensure_image_token(tokenizer) -> int:
     """Add `<image>` to the tokenizer when missing (special, so it is never split or merged); return its id."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -46,9 +54,47 @@ def ensure_image_token(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-class LeanVLMProcessor:
-    """`max_crops` > 1 turns on AnyRes multi-crop images (a base view plus up to max_crops - 1 sub-crops at a grid
-    from `image_grid_pinpoints`, in pixels); every crop is preprocessed at the encoder's input size."""
+class ImagePreprocessor:
+    """Images -> encoder inputs. `max_crops` > 1 turns on AnyRes multi-crop images (a base view plus up to
+    max_crops - 1 sub-crops at a grid from `image_grid_pinpoints`, in pixels); every crop is preprocessed at the
+    encoder's input size. Needs no tokenizer, so encoder features can be computed without a language model."""
+
+    def __init__(self, image_processor, max_crops: int = 1, image_grid_pinpoints=None):
+        if max_crops < 1:
+            raise ValueError(f"max_crops must be >= 1, got {max_crops}.")
+        self.image_processor = image_processor
+        self.max_crops = max_crops
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self._crop_size = None
+
+    @property
+    def crop_size(self) -> int:
+        """Side of one preprocessed crop, as the image processor produces it."""
+        if self._crop_size is None:
+            probe = self.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"]
+            self._crop_size = int(probe.shape[-1])
+        return self._crop_size
+
+    def crops_of(self, image) -> list:
+        """The crops one image becomes: itself when max_crops is 1, else [base view, sub-crops...]."""
+        if self.max_crops == 1:
+            return [image]
+        size = self.crop_size
+        pinpoints = usable_pinpoints(self.image_grid_pinpoints or default_pinpoints(size), size, self.max_crops)
+        if not pinpoints:
+            raise ValueError(f"No grid in image_grid_pinpoints fits max_crops={self.max_crops} (base view included).")
+        return split_into_crops(image, pinpoints, size)
+
+    def preprocess_images(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> pixel_values (one row per crop, image by image) and image_crops (crops per image)."""
+        crops = [self.crops_of(image) for image in images]
+        flat = [crop for image_crops in crops for crop in image_crops]
+        pixel_values = self.image_processor(flat, return_tensors="pt")["pixel_values"]
+        return pixel_values, torch.tensor([len(image_crops) for image_crops in crops])
+
+
+class LeanVLMProcessor(ImagePreprocessor):
+    """Tokenizer + `ImagePreprocessor`."""
 
     def __init__(
         self,
@@ -58,19 +104,14 @@ class LeanVLMProcessor:
         max_crops: int = 1,
         image_grid_pinpoints=None,
     ):
-        if max_crops < 1:
-            raise ValueError(f"max_crops must be >= 1, got {max_crops}.")
+        super().__init__(image_processor, max_crops, image_grid_pinpoints)
         self.tokenizer_image_id = ensure_image_token(tokenizer)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
         self.image_token_id = self.tokenizer_image_id if image_token_id is None else image_token_id
-        self.max_crops = max_crops
-        self.image_grid_pinpoints = image_grid_pinpoints
-        self._crop_size = None
 
     @classmethod
     def from_parts(
@@ -95,36 +136,13 @@ class LeanVLMProcessor:
         """The processor that matches a model: its placeholder id, crop settings and (by default) its encoder's
         preprocessing."""
         config = model.config
-        if image_processor is None:  # the encoder checkpoint's own preprocessing, when it has one
-            source = getattr(model.vision_model, "name_or_path", "")
-            if source and os.path.isfile(os.path.join(source, "preprocessor_config.json")):
-                image_processor = AutoImageProcessor.from_pretrained(source)
-        return cls.from_parts(
+        return cls(
             tokenizer,
-            image_processor,
+            image_processor or encoder_image_processor(model.vision_model),
             config.image_token_id,
-            config.vision_config,
             config.max_crops,
             config.image_grid_pinpoints,
         )
-
-    @property
-    def crop_size(self) -> int:
-        """Side of one preprocessed crop, as the image processor produces it."""
-        if self._crop_size is None:
-            probe = self.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"]
-            self._crop_size = int(probe.shape[-1])
-        return self._crop_size
-
-    def crops_of(self, image) -> list:
-        """The crops one image becomes: itself when max_crops is 1, else [base view, sub-crops...]."""
-        if self.max_crops == 1:
-            return [image]
-        size = self.crop_size
-        pinpoints = usable_pinpoints(self.image_grid_pinpoints or default_pinpoints(size), size, self.max_crops)
-        if not pinpoints:
-            raise ValueError(f"No grid in image_grid_pinpoints fits max_crops={self.max_crops} (base view included).")
-        return split_into_crops(image, pinpoints, size)
 
     def __call__(self, text, images=None, return_tensors: str = "pt", **tokenizer_kwargs) -> BatchFeature:
         """Tokenize prompts (left-padded) and preprocess their images, given flat in placeholder order or as one
@@ -148,13 +166,6 @@ class LeanVLMProcessor:
         if flat_images:
             data["pixel_values"], data["image_crops"] = self.preprocess_images(flat_images)
         return BatchFeature(data, tensor_type=return_tensors)
-
-    def preprocess_images(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> pixel_values (one row per crop, image by image) and image_crops (crops per image)."""
-        crops = [self.crops_of(image) for image in images]
-        flat = [crop for image_crops in crops for crop in image_crops]
-        pixel_values = self.image_processor(flat, return_tensors="pt")["pixel_values"]
-        return pixel_values, torch.tensor([len(image_crops) for image_crops in crops])
 
     def batch_decode(self, token_ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(self._printable(token_ids), **kwargs)

@@ -16,19 +16,24 @@ from leanvlm.vision import encode_features
 INDEX = "index.json"
 
 
-def feature_signature(model, processor) -> str:  # model: a LeanVLMForConditionalGeneration
-    """What the features depend on besides the image: encoder (config + weights' origin), token selection and crop
-    settings."""
-    config = model.config
+def feature_signature(vision_model, select: str, images) -> str:
+    """What the features depend on besides the image: the encoder (config, weights' origin, dtype), the token
+    selection and the crop settings of `images` (an `ImagePreprocessor`, e.g. the model's processor)."""
     parts = {
-        "encoder": getattr(model.vision_model, "name_or_path", ""),
-        "vision_config": config.vision_config.to_json_string(use_diff=False),
-        "select": config.vision_feature_select,
-        "max_crops": processor.max_crops,
-        "pinpoints": processor.image_grid_pinpoints,
-        "crop_size": processor.crop_size,
+        "encoder": getattr(vision_model, "name_or_path", ""),
+        "vision_config": vision_model.config.to_json_string(use_diff=False),
+        "dtype": str(next(vision_model.parameters()).dtype),
+        "select": select,
+        "max_crops": images.max_crops,
+        "pinpoints": images.image_grid_pinpoints,
+        "crop_size": images.crop_size,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_feature_signature(model, processor) -> str:
+    """The signature of the features a `LeanVLMForConditionalGeneration` consumes."""
+    return feature_signature(model.vision_model, model.config.vision_feature_select, processor)
 
 
 def image_hash(path: str) -> str:
@@ -70,19 +75,19 @@ class FeatureCache:
         os.replace(temporary, os.path.join(self.directory, INDEX))
 
 
-def encode_images_to_cache(model, processor, image_paths: list[str], cache: FeatureCache, batch_size: int = 16,
-                           shard_images: int = 256, progress=None) -> int:
-    """Encode every image not cached yet (all its crops, every layer the model consumes); return how many."""
+def encode_images_to_cache(vision_model, images, layers: list[int], select: str, image_paths: list[str],
+                           cache: FeatureCache, batch_size: int = 16, shard_images: int = 256, progress=None) -> int:
+    """Encode every image not cached yet (all its crops, every layer in `layers`); return how many. `images` is an
+    `ImagePreprocessor`; `progress(n)` is called after each batch of n images."""
     from PIL import Image
 
-    layers = model.config.feature_layers
     todo = sorted({p for p in image_paths if any(cache.key(p, layer) not in cache for layer in layers)})
     pending: dict[str, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        pixels, crops = processor.preprocess_images([Image.open(p).convert("RGB") for p in chunk])
+        pixels, crops = images.preprocess_images([Image.open(p).convert("RGB") for p in chunk])
         with torch.no_grad():
-            features = encode_features(model.vision_model, pixels, layers, model.config.vision_feature_select)
+            features = encode_features(vision_model, pixels, layers, select)
         offset = 0
         for path, count in zip(chunk, crops.tolist()):
             for layer in layers:

@@ -40,6 +40,28 @@ def read_records(path: str) -> list[dict]:
     return records
 
 
+def record_image_paths(record: dict, root: str) -> list[str]:
+    """A record's image paths ("image": one path or a list), relative ones resolved against `root`."""
+    images = record.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    return [p if os.path.isabs(p) else os.path.join(root, p) for p in images]
+
+
+def data_image_paths(path: str, image_root: str | None = None) -> list[str]:
+    """Every image a LLaVA-format file refers to (relative paths resolve against `image_root`, default the file's
+    directory); a missing image is an error naming its record."""
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    paths = []
+    for index, record in enumerate(read_records(path)):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, record {index}: expected an object with 'conversations'.")
+        for image in record_image_paths(record, root):
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"{path}, record {index} (id {record.get('id')!r}): image {image!r} not found.")
+            paths.append(image)
+    return paths
+
+
 class LLaVADataset(torch.utils.data.Dataset):
     """Tokenized samples: `input_ids`, `labels` (IGNORE_INDEX outside assistant turns) and the sample's images.
 
@@ -62,9 +84,7 @@ class LLaVADataset(torch.utils.data.Dataset):
             if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
                 raise ValueError(f"{where}: a record needs a 'conversations' list.")
             to_messages(record["conversations"], where)  # checks roles now, not mid-training
-            images = record.get("image") or []
-            images = [images] if isinstance(images, str) else list(images)
-            paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in images]
+            paths = record_image_paths(record, root)
             placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"])
             if paths and placeholders == 0:  # LLaVA data may omit the placeholder: the image goes first
                 record["conversations"][0]["value"] = IMAGE_TOKEN * len(paths) + "\n" + record["conversations"][0]["value"]
