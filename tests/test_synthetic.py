@@ -98,8 +98,9 @@ def test_cli_writes_llava_records_captions_and_card(tmp_path):
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "train.json").read_text())
     first = records[0]
-    assert first["conversations"][0]["from"] == "human" and first["conversations"][0]["value"].startswith("<image>\n")
-    assert first["conversations"][1]["from"] == "gpt"
+    assert first["conversations"][0]["from"] == "system"
+    assert first["conversations"][1]["from"] == "human" and first["conversations"][1]["value"].startswith("<image>\n")
+    assert first["conversations"][2]["from"] == "gpt"
     assert (tmp_path / first["image"]).is_file()
     captions = json.loads((tmp_path / "captions.json").read_text())
     assert len(captions) == 14 and captions[0]["conversations"][1]["value"].startswith("The image shows")

@@ -150,6 +150,38 @@ def bench(
         console.print(f"wrote {path}")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. stages.0.steps=100."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
+    resume_from: Path = typer.Option(None, help="Continue from this checkpoint directory."),
+    progress: bool = typer.Option(True, help="Show the live progress display."),
+) -> None:
+    """Train a recipe's stages (accelerate: run under `accelerate launch -m leanvlm train ...` for several
+    processes or GPUs). Writes checkpoints, log.jsonl, summary.json and the final model to <output_dir>/model."""
+    from rich.console import Console
+
+    from leanvlm.recipe import load_recipe
+    from leanvlm.train import Trainer
+
+    try:
+        parsed = load_recipe(str(recipe), overrides or [])
+    except (FileNotFoundError, ValueError, KeyError, IndexError) as error:
+        raise typer.BadParameter(str(error), param_hint="RECIPE") from error
+    trainer = Trainer(parsed, progress=progress)
+    try:
+        summary = trainer.run(resume=str(resume_from) if resume_from else resume)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise typer.BadParameter(str(error)) from error
+    if trainer.accelerator.is_main_process:
+        console = Console()
+        for stage in summary["stages"]:
+            console.print(f"{stage['name']}: {stage['steps']} steps, loss {stage['first_loss']:.4f} -> "
+                          f"{stage['last_loss']:.4f}, {stage['seconds_per_step']:.2f} s/step")
+        console.print(f"saved {summary['model']}")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., help="Output directory."),

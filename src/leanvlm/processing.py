@@ -112,6 +112,8 @@ class LeanVLMProcessor(ImagePreprocessor):
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.image_token_id = self.tokenizer_image_id if image_token_id is None else image_token_id
+        # The conversation template the model was trained with (leanvlm.data.templates), for eval and chat.
+        self.template = "chat"
 
     @classmethod
     def from_parts(
@@ -188,6 +190,7 @@ class LeanVLMProcessor(ImagePreprocessor):
                 "image_token_id": self.image_token_id,
                 "max_crops": self.max_crops,
                 "image_grid_pinpoints": self.image_grid_pinpoints,
+                "template": self.template,
             }
             json.dump(settings, f, indent=2)
 
@@ -198,13 +201,15 @@ class LeanVLMProcessor(ImagePreprocessor):
             raise FileNotFoundError(f"{path} not found: {directory!r} holds no saved LeanVLMProcessor.")
         with open(path) as f:
             settings = json.load(f)
-        return cls(
+        processor = cls(
             AutoTokenizer.from_pretrained(directory),
             AutoImageProcessor.from_pretrained(directory),
             settings["image_token_id"],
             settings.get("max_crops", 1),
             settings.get("image_grid_pinpoints"),
         )
+        processor.template = settings.get("template", "chat")
+        return processor
 
 
 def _flatten_images(images) -> list:

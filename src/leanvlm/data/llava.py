@@ -87,7 +87,9 @@ class LLaVADataset(torch.utils.data.Dataset):
             paths = record_image_paths(record, root)
             placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in record["conversations"])
             if paths and placeholders == 0:  # LLaVA data may omit the placeholder: the image goes first
-                record["conversations"][0]["value"] = IMAGE_TOKEN * len(paths) + "\n" + record["conversations"][0]["value"]
+                first = next((t for t in record["conversations"] if t.get("from") in ("human", "user")),
+                             record["conversations"][0])
+                first["value"] = IMAGE_TOKEN * len(paths) + "\n" + first["value"]
             elif placeholders != len(paths):
                 raise ValueError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholder(s) but {len(paths)} image(s).")
             missing = [p for p in paths if not os.path.isfile(p)]

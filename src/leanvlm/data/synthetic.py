@@ -57,6 +57,9 @@ class Scene:
     background: tuple[int, int, int]
 
 
+# Tells a chat model the answer format (and replaces a chat template's longer default system prompt).
+SYSTEM_PROMPT = "Answer with one word or number."
+
 def scene_from_dict(fields: dict) -> Scene:
     """The inverse of `dataclasses.asdict(scene)` (how records store their scene)."""
     return Scene(tuple(Thing(**t) for t in fields["things"]), fields["word"], fields["word_cell"],
@@ -220,6 +223,7 @@ def write_split(samples: list[dict], out_dir: str, split: str, image_size: int =
             "image": relative,
             "family": sample["family"],
             "conversations": [
+                {"from": "system", "value": SYSTEM_PROMPT},
                 {"from": "human", "value": "<image>\n" + sample["question"]},
                 {"from": "gpt", "value": sample["answer"]},
             ],

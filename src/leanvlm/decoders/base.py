@@ -43,6 +43,10 @@ class ImageContext:
     def __len__(self) -> int:
         return len(self.crops)
 
+    def rows(self, index: int) -> range:
+        """Row numbers of one image's crops in `tokens`."""
+        return range(self._offsets[index], self._offsets[index + 1])
+
     def image(self, index: int) -> torch.Tensor:
         """The rows of one image's crops."""
         return self.tokens[self._offsets[index] : self._offsets[index + 1]]
@@ -50,7 +54,7 @@ class ImageContext:
     def __getitem__(self, index) -> ImageContext:
         """Select or repeat images, e.g. `ctx[[0, 0, 0]]` for three prompts about image 0."""
         indices = [index] if isinstance(index, int) else list(index)
-        rows = [row for i in indices for row in range(self._offsets[i], self._offsets[i + 1])]
+        rows = [row for i in indices for row in self.rows(i)]
         return ImageContext(self.decoder, self.tokens[rows], [self.crops[i] for i in indices], self.grid)
 
     def to(self, *args, **kwargs) -> ImageContext:
@@ -62,8 +66,8 @@ class VisionPrefix:
     """Position-free keys/values placed in front of the text keys of every layer (HiMix's vision keys)."""
 
     valid: torch.Tensor  # (B, P) bool
-    keys: torch.Tensor  # (num_layers, B, H_kv, P, head_dim)
-    values: torch.Tensor
+    keys: list[torch.Tensor]  # per layer: (B, H_kv, P, head_dim)
+    values: list[torch.Tensor]
 
 
 @dataclass

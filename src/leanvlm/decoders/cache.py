@@ -49,8 +49,9 @@ class KVCache:
         buf_v[:, :, self._start : stop] = value
         return buf_k[:, :, :stop], buf_v[:, :, :stop]
 
-    def write_prefix(self, valid: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, upcoming: int) -> None:
-        """Store position-free prefix keys/values (num_layers, B, H_kv, P, D) in front of any text."""
+    def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                     upcoming: int) -> None:
+        """Store position-free prefix keys/values (per layer: (B, H_kv, P, D)) in front of any text."""
         if self.length:
             raise RuntimeError("the prefix must be written before any text")
         self.begin(valid, upcoming)

@@ -93,21 +93,28 @@ class HiMixDecoder(DecoderPolicy):
 
     @staticmethod
     def _prefix(images_per_sample: list[list[int]], context: ImageContext) -> VisionPrefix | None:
-        """Concatenate each sample's images' crops' keys/values; a text-only sample gets no vision keys at all."""
+        """Concatenate each sample's images' crops' keys/values; a text-only sample gets no vision keys at all.
+
+        One gather per layer from a per-layer view: indexing the stacked (crops, layers, ...) tensor layer by layer
+        would make autograd materialise a gradient of the whole stack for every layer."""
         tokens = context.tokens  # (n_crops, L, 2, H_kv, N, D)
-        _, num_layers, _, num_kv_heads, per_crop, head_dim = tokens.shape
-        lengths = [sum(context.crops[image] for image in images) * per_crop for images in images_per_sample]
-        batch, prefix_len = len(images_per_sample), max(lengths)
-        kv = tokens.new_zeros(num_layers, 2, batch, num_kv_heads, prefix_len, head_dim)
-        valid = torch.zeros(batch, prefix_len, dtype=torch.bool, device=tokens.device)
-        for b, images in enumerate(images_per_sample):
-            slot = 0
-            for image in images:
-                for crop in context.image(image):
-                    kv[:, :, b, :, slot : slot + per_crop] = crop
-                    slot += per_crop
-            valid[b, : lengths[b]] = True
-        return VisionPrefix(valid, kv[:, 0], kv[:, 1])
+        n_crops, _, _, num_kv_heads, per_crop, head_dim = tokens.shape
+        rows = []  # per sample: the flat (crop, token) rows of its vision keys, in order
+        for images in images_per_sample:
+            crops = [crop for image in images for crop in context.rows(image)]
+            rows.append([crop * per_crop + t for crop in crops for t in range(per_crop)])
+        prefix_len, padding = max(len(r) for r in rows), n_crops * per_crop  # the padding row is all zeros
+        index = torch.tensor([r + [padding] * (prefix_len - len(r)) for r in rows], device=tokens.device)
+        valid = index != padding
+        keys, values = [], []
+        for layer_tokens in tokens.unbind(1):  # (n, 2, H_kv, N, D)
+            flat = layer_tokens.permute(0, 3, 1, 2, 4).reshape(n_crops * per_crop, 2, num_kv_heads, head_dim)
+            flat = torch.cat([flat, flat.new_zeros(1, 2, num_kv_heads, head_dim)])
+            gathered = flat[index.flatten()].view(len(rows), prefix_len, 2, num_kv_heads, head_dim)
+            key, value = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H_kv, P, D) each
+            keys.append(key)
+            values.append(value)
+        return VisionPrefix(valid, keys, values)
 
     def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
         """Text queries see every valid vision key and the text causally; vision keys are never windowed."""

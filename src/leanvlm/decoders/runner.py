@@ -33,7 +33,8 @@ class DecoderRun:
         self.cos, self.sin = language_model.model.rotary_emb(self.hidden, inputs.position_ids)
         prefix = inputs.prefix
         if prefix is not None:  # the text's dtype and device rule (an image context may come from elsewhere)
-            keys, values = prefix.keys.to(self.hidden), prefix.values.to(self.hidden)
+            keys = [k.to(self.hidden) for k in prefix.keys]
+            values = [v.to(self.hidden) for v in prefix.values]
         if cache is not None:
             if prefix is not None:
                 cache.write_prefix(prefix.valid.to(self.hidden.device), keys, values, upcoming=self.num_queries)
