@@ -333,5 +333,90 @@ def analyze_redundancy(
     console.print(f"wrote {json_path} and {png_path}")
 
 
+@app.command("eval")
+def eval_command(
+    model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor."),
+    data: Path = typer.Option(..., help="LLaVA-format JSON/JSONL; each record's last assistant turn is the reference."),
+    batch_size: int = typer.Option(16, min=1, help="Questions per generation batch."),
+    max_new_tokens: int = typer.Option(16, min=1, help="Longest answer, in tokens."),
+    max_samples: int = typer.Option(None, min=1, help="Evaluate only the first N records."),
+    image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
+    out: Path = typer.Option(Path("results.json"), help="Where the JSON results (with every prediction) go."),
+) -> None:
+    """Exact-match accuracy of greedy answers to each record's last question, overall and per family, asked with
+    the conversation template the model was trained with. Prints a table and writes JSON."""
+    import json
+
+    from rich.console import Console
+
+    from leanvlm.data.llava import read_records
+    from leanvlm.evaluate import evaluate, load_model, results_table
+
+    try:
+        model, processor = load_model(str(model_dir))
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="MODEL_DIR") from error
+    try:
+        records = read_records(str(data))[:max_samples]
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--data") from error
+    console = Console()
+    root = str(image_root or data.resolve().parent)
+    try:
+        result = evaluate(model, processor, records, root, batch_size, max_new_tokens, source=str(data),
+                          console=console)
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--data") from error
+    result = {"model": str(model_dir), "data": str(data), **result}
+    console.print(results_table(result, title=f"Exact match: {model_dir} on {data}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def chat(
+    model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor."),
+    image: Path = typer.Option(..., help="The image to talk about."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Longest answer, in tokens."),
+    system: str = typer.Option(None, help="System message (default: the template's own, if it has one)."),
+) -> None:
+    """Talk about one image. Reads one question per line until an empty line, `exit` or the end of input, and
+    streams each answer; earlier turns stay in the prompt, so follow-up questions work."""
+    import sys
+
+    import torch
+    from PIL import Image
+    from transformers import TextStreamer
+
+    from leanvlm.config import IMAGE_TOKEN
+    from leanvlm.data.templates import generation_prompt
+    from leanvlm.evaluate import answer, load_model
+
+    if not image.is_file():
+        raise typer.BadParameter(f"{image} is not a file", param_hint="--image")
+    try:
+        model, processor = load_model(str(model_dir))
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="MODEL_DIR") from error
+    pixel_values, crops = processor.preprocess_images([Image.open(image).convert("RGB")])
+    with torch.no_grad():  # encoded once, reused by every turn
+        context = model.encode_images(pixel_values.to(model.device), crops)
+    messages = [{"role": "system", "content": system}] if system else []
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        if sys.stdin.isatty():
+            typer.echo("> ", nl=False)
+        question = sys.stdin.readline().strip()
+        if not question or question == "exit":
+            break
+        first = not any(m["role"] == "user" for m in messages)
+        messages.append({"role": "user", "content": f"{IMAGE_TOKEN}\n{question}" if first else question})
+        prompt = generation_prompt(messages, processor.template, processor.tokenizer)
+        reply = answer(model, processor, [prompt], image_context=context, max_new_tokens=max_new_tokens,
+                       streamer=streamer)[0]
+        messages.append({"role": "assistant", "content": reply})
+
+
 if __name__ == "__main__":
     app()

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,24 @@ def scored_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float:
+    """Backward over this process's micro-batches so that the gradients (after DDP's average over processes) are
+    those of the token-mean loss over the whole global batch; returns that loss."""
+    local = torch.stack([scored_tokens(b) for b in micro_batches]).sum()
+    total = accelerator.reduce(local.clone(), reduction="sum").clamp(min=1)
+    loss_sum = torch.zeros(())
+    for m, batch in enumerate(micro_batches):
+        count = scored_tokens(batch)
+        sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            loss = model(**batch, return_logits=False).loss
+        # The model's loss is a mean over this micro-batch's tokens: re-weight it by its share of the global
+        # tokens, times the process count that DDP's gradient average divides by.
+        accelerator.backward(loss * (count * accelerator.num_processes / total))
+        loss_sum += loss.detach().float() * count
+    return float(accelerator.reduce(loss_sum, reduction="sum") / total)
+
+
 class Trainer:
     """Runs a recipe. `progress`: show a live display (main process only)."""
 
@@ -198,8 +217,6 @@ class Trainer:
         return FeatureCache(directory, cache.signature)  # re-read the index the main process wrote
 
     def _bar(self, description: str, total: int):
-        from contextlib import contextmanager
-
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         @contextmanager
@@ -343,24 +360,12 @@ class Trainer:
                     chunk = indices[m * stage.batch_size : (m + 1) * stage.batch_size]
                     with accelerator.split_between_processes(chunk) as mine:
                         micro.append(collate([dataset[i] for i in mine]))
-                local = torch.stack([scored_tokens(b) for b in micro]).sum()
-                total = accelerator.reduce(local.clone(), reduction="sum").clamp(min=1)
-                loss_sum = torch.zeros(())
-                for m, batch in enumerate(micro):
-                    count = scored_tokens(batch)
-                    # Mean over the global batch's scored tokens; DDP averages gradients over processes, hence x P.
-                    scale = count * accelerator.num_processes / total
-                    sync = accelerator.no_sync(prepared) if m < len(micro) - 1 else _nullcontext()
-                    with sync, accelerator.autocast():
-                        loss = prepared(**batch, return_logits=False).loss
-                    accelerator.backward(loss * scale)
-                    loss_sum += loss.detach().float() * count
-                    tokens_seen += int(batch["attention_mask"].sum())
+                step_loss = accumulate_gradients(prepared, micro, accelerator)
+                tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in micro)
                 accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = float(accelerator.reduce(loss_sum, reduction="sum") / total)
                 global_step += 1
                 elapsed = time.perf_counter() - started
                 rate = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
@@ -412,8 +417,6 @@ class Trainer:
         return float(accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1))
 
     def _stage_display(self, stage: StageSpec, steps: int, done: int):
-        from contextlib import contextmanager
-
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         @contextmanager
@@ -437,8 +440,3 @@ class Trainer:
 
         return display()
 
-
-def _nullcontext():
-    from contextlib import nullcontext
-
-    return nullcontext()

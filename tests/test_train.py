@@ -1,0 +1,186 @@
+"""The staged trainer on a tiny model: stages train only their groups, a resumed run reproduces an uninterrupted
+one, LoRA merges into the saved model, and two processes match one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leanvlm.data.synthetic import synthesize
+from leanvlm.recipe import recipe_from_dict
+from leanvlm.train import Trainer
+from test_llava_data import bpe_tokenizer
+from tiny import text_config, vision_config
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from transformers import AutoModel, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    LlamaForCausalLM(text_config("llama")).save_pretrained(root / "llm")
+    bpe_tokenizer().save_pretrained(root / "llm")
+    AutoModel.from_config(vision_config("siglip")).save_pretrained(root / "vision")
+    synthesize(str(root / "data"), train=24, val=8, test=0, seed=0, image_size=48)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+
+
+def recipe_dict(parts, out, decoder="himix", lora=False, **top):
+    instruct = {"name": "instruct", "data": str(parts / "data" / "train.json"), "train": ["new", "language_model"],
+                "lr": {"new": 1e-3, "language_model": 1e-3}, "steps": 3, "batch_size": 4, "grad_accum": 2}
+    if lora:
+        instruct["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    return {
+        "output_dir": str(out),
+        "model": {"language_model": str(parts / "llm"), "vision_model": str(parts / "vision"), "decoder": decoder},
+        "mixed_precision": "no",
+        "log_every": 1,
+        "save_every": 1,
+        "keep_last": 10,
+        "eval": {"data": str(parts / "data" / "val.json"), "every": 2, "max_samples": 8, "batch_size": 4},
+        "stages": [
+            {"name": "align", "data": str(parts / "data" / "captions.json"), "template": "plain", "train": ["new"],
+             "lr": {"new": 1e-2}, "steps": 3, "batch_size": 4, "warmup_ratio": 0.5},
+            instruct,
+        ],
+        **top,
+    }
+
+
+def log_of(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model", "model.safetensors"))
+
+
+def test_stages_train_only_their_groups(parts, tmp_path):
+    recipe = recipe_from_dict(recipe_dict(parts, tmp_path / "run", save_every=0))
+    trainer = Trainer(recipe, progress=False)
+    before = {k: v.clone() for k, v in build_state(recipe).items()}
+    summary = trainer.run()
+    after = weights(tmp_path / "run")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("decoder.vision_kv") for k in changed)
+    assert any(k.startswith("language_model.") for k in changed)  # the instruct stage trains the LLM
+    assert not any(k.startswith("vision_model.") for k in changed)  # the encoder stays frozen
+    log = log_of(tmp_path / "run")
+    assert [e["global_step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    assert set(log[0]["lr"]) == {"vision_kv"} and set(log[-1]["lr"]) == {"vision_kv", "language_model"}
+    assert "val_loss" in log[1] and "val_loss" not in log[0]
+    assert summary["stages"][0]["trainable_parameters"] == sum(
+        v.numel() for k, v in after.items() if k.startswith("decoder.vision_kv"))
+    # only the last checkpoints are kept (save_every 0: one per stage end)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-0000003", "step-0000006"]
+
+
+def build_state(recipe):
+    from leanvlm.train import build_model
+
+    torch.manual_seed(recipe.seed)
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    return build_model(recipe)[0].state_dict()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resumed_run_reproduces_the_uninterrupted_one(parts, tmp_path, lora):
+    full = recipe_from_dict(recipe_dict(parts, tmp_path / "full", lora=lora))
+    Trainer(full, progress=False).run()
+    expected_log, expected = log_of(tmp_path / "full"), weights(tmp_path / "full")
+
+    # Resume from a checkpoint inside stage 1 and from one inside stage 2 (LoRA adapters live in that checkpoint).
+    for step in (2, 4):
+        out = tmp_path / f"resumed-{step}"
+        recipe = recipe_from_dict(recipe_dict(parts, out, lora=lora))
+        Trainer(recipe, progress=False).run()  # the run that gets "interrupted" after `step` steps
+        for name in os.listdir(out / "checkpoints"):
+            if int(name.split("-")[1]) > step:
+                import shutil
+
+                shutil.rmtree(out / "checkpoints" / name)
+        os.remove(out / "model" / "model.safetensors")
+        Trainer(recipe_from_dict(recipe_dict(parts, out, lora=lora)), progress=False).run(resume=True)
+        log = log_of(out)
+        assert [e["global_step"] for e in log] == [e["global_step"] for e in expected_log]
+        for got, want in zip(log, expected_log):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), (step, got["global_step"])
+        resumed = weights(out)
+        assert resumed.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)
+    if lora:  # adapters merged away: a plain checkpoint whose LLM weights moved
+        assert not any("lora_" in key for key in expected)
+
+
+def test_resume_needs_a_checkpoint(parts, tmp_path):
+    recipe = recipe_from_dict(recipe_dict(parts, tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
+        Trainer(recipe, progress=False).run(resume=True)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(parts, tmp_path):
+    import yaml
+
+    single = recipe_dict(parts, tmp_path / "one", save_every=0)
+    Trainer(recipe_from_dict(single), progress=False).run()
+    double = recipe_dict(parts, tmp_path / "two", save_every=0)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(double))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "leanvlm", "train", str(path), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    initial = build_state(recipe_from_dict(single))
+    assert any(not torch.equal(one[key], initial[key]) for key in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    losses_one = [e["loss"] for e in log_of(tmp_path / "one")]
+    losses_two = [e["loss"] for e in log_of(tmp_path / "two")]
+    assert losses_two == pytest.approx(losses_one, abs=1e-5)
+
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(parts):
+    from accelerate import Accelerator
+
+    from leanvlm.data.llava import Collator, LLaVADataset
+    from leanvlm.train import accumulate_gradients, build_model
+
+    recipe = recipe_from_dict(recipe_dict(parts, parts / "unused"))
+    model, processor = build_model(recipe)
+    dataset = LLaVADataset(str(parts / "data" / "captions.json"), processor, template="plain")
+    samples = [dataset[i] for i in range(6)]
+    assert len({len(s["labels"]) for s in samples}) > 1  # unequal token counts make the weighting matter
+    collate = Collator(processor)
+
+    model.zero_grad()
+    loss = model(**collate(samples), return_logits=False).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    step_loss = accumulate_gradients(model, [collate(samples[:1]), collate(samples[1:])], Accelerator(cpu=True))
+    assert step_loss == pytest.approx(float(loss), abs=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4)
