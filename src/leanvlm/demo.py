@@ -1,0 +1,169 @@
+"""`leanvlm demo`: turn the packaged SmolLM2-135M + DINOv2-S into a ShapesVQA VLM on a CPU, end to end, and show
+what it learned and what it cost. The pieces (data, recipe, FLOPs) are shared with `leanvlm compare`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from importlib import resources
+
+import yaml
+
+from leanvlm.recipe import Recipe, apply_override, recipe_from_dict
+
+DEMO_RECIPE = "demo.yaml"
+LLM_PRESET, VISION_PRESET = "smollm2-135m", "dinov2-s14-224"  # the analytic shapes of the packaged parts
+
+
+def data_dir(seed: int, train: int, val: int, test: int) -> str:
+    """ShapesVQA for the demo, generated once into the cache directory (atomically: complete or absent)."""
+    from leanvlm.data.synthetic import synthesize
+    from leanvlm.hub import cache_dir
+
+    target = os.path.join(cache_dir(), "shapesvqa", f"seed{seed}-train{train}-val{val}-test{test}")
+    if os.path.isfile(os.path.join(target, "README.md")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    work = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".shapesvqa-")
+    try:
+        synthesize(work, train, val, test, seed)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def demo_recipe(data: str, output_dir: str, decoder: str, overrides: list[str] = (), **model_options) -> Recipe:
+    """The packaged demo recipe on `data`, writing to `output_dir`, for `decoder`, then `overrides`."""
+    text = resources.files("leanvlm").joinpath("recipes", DEMO_RECIPE).read_text()
+    raw = yaml.safe_load(text)
+    raw["output_dir"] = output_dir
+    raw["model"]["decoder"] = decoder
+    raw["model"]["options"] = dict(model_options)
+    # One feature cache per data set, shared by every run on it.
+    raw["features"] = os.path.join(data, "features")
+    for override in overrides:
+        apply_override(raw, override)
+    return recipe_from_dict(raw, where=DEMO_RECIPE, base=data)
+
+
+def flops_per_sample(decoder: str, text_tokens: int, model_config=None) -> dict:
+    """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens)."""
+    from leanvlm.flops import decoder_flops
+
+    options = {}
+    if decoder == "proxyv" and model_config is not None:
+        options = {"proxyv_start_layer": model_config.proxyv_start_layer,
+                   "proxyv_reduce_factor": model_config.proxyv_reduce_factor}
+    return decoder_flops(LLM_PRESET, VISION_PRESET, text_tokens, decoder, **options)
+
+
+def mean_text_tokens(dataset) -> int:
+    """Mean non-vision tokens per sample (the `<image>` placeholder excluded)."""
+    lengths = [len(dataset.tokenize(i)[0]) - 1 for i in range(min(len(dataset), 256))]
+    return round(statistics.mean(lengths))
+
+
+def new_question(out_dir: str, seed: int) -> dict:
+    """A freshly generated scene (a seed no split used), its image written to out_dir, with its question."""
+    from leanvlm.data.synthetic import SYSTEM_PROMPT, generate, render, scene_from_dict
+
+    sample = generate(1, seed)[0]
+    path = os.path.join(out_dir, "new-image.png")
+    render(scene_from_dict(sample["scene"])).save(path)
+    return {"image": path, "system": SYSTEM_PROMPT, "question": sample["question"], "answer": sample["answer"],
+            "family": sample["family"]}
+
+
+def ask(model, processor, question: dict) -> str:
+    """The model's answer to a `new_question`, prompted as in training."""
+    from PIL import Image
+
+    from leanvlm.config import IMAGE_TOKEN
+    from leanvlm.data.templates import generation_prompt
+    from leanvlm.evaluate import answer
+
+    messages = [{"role": "system", "content": question["system"]},
+                {"role": "user", "content": f"{IMAGE_TOKEN}\n{question['question']}"}]
+    prompt = generation_prompt(messages, processor.template, processor.tokenizer)
+    return answer(model, processor, [prompt], [Image.open(question["image"]).convert("RGB")], max_new_tokens=8)[0]
+
+
+class Timer:
+    """Wall-clock seconds per named phase, in order."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def phase(self, name: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def timed():
+            start = time.perf_counter()
+            yield
+            self.phases[name] = round(time.perf_counter() - start, 1)
+
+        return timed()
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: int = 350, decoder: str = "himix",
+             overrides: list[str] = (), console=None) -> dict:
+    """Data -> parts -> two-stage training -> test accuracy per family -> FLOPs against vanilla -> a new question.
+    Writes <out>/demo.json and the model to <out>/run/model; returns the report."""
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from leanvlm.data.llava import LLaVADataset, read_records
+    from leanvlm.evaluate import evaluate
+    from leanvlm.hub import pretrained_part
+    from leanvlm.train import Trainer
+
+    console = console or Console()
+    os.makedirs(out, exist_ok=True)
+    timer = Timer()
+    with timer.phase("data"), console.status("generating ShapesVQA (once)"):
+        data = data_dir(seed, train, val, test)
+    console.print(f"data: {data}")
+    with timer.phase("parts"), console.status("preparing SmolLM2-135M and DINOv2-S/14 (converted once)"):
+        for part in ("smollm2-135m", "dinov2-s14"):
+            pretrained_part(part)
+    recipe = demo_recipe(data, os.path.join(out, "run"), decoder, overrides)
+    with timer.phase("train"):
+        trainer = Trainer(recipe)
+        summary = trainer.run()
+    model, processor = trainer.model.to(torch.bfloat16).eval(), trainer.processor
+    with timer.phase("eval"):
+        results = evaluate(model, processor, read_records(os.path.join(data, "test.json")), image_root=data,
+                           batch_size=32, max_new_tokens=8)
+    text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
+                                                template=processor.template))
+    flops = {name: flops_per_sample(name, text_tokens, model.config if name == decoder else None)["total_flops"]
+             for name in dict.fromkeys([decoder, "vanilla"])}
+    question = new_question(out, seed + 1_000_003)
+    question["prediction"] = ask(model, processor, question)
+    report = {
+        "decoder": decoder,
+        "data": data,
+        "model": summary["model"],
+        "stages": summary["stages"],
+        "test": {k: v for k, v in results.items() if k != "predictions"},
+        "text_tokens_per_sample": text_tokens,
+        "vision_tokens_per_sample": 256,
+        "decoder_gflops_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()},
+        "new_question": question,
+        "seconds": {**timer.phases, "total": timer.total()},
+    }
+    with open(os.path.join(out, "demo.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
