@@ -376,3 +376,17 @@ def test_deepspeed_config_is_zero3_without_accumulation(restored_environ):
     assert plugin.zero3_init_flag is False
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
     assert plugin.deepspeed_config["gradient_clipping"] == 1.0
+
+
+def test_recipe_values_yaml_reads_loosely_are_normalised_or_named():
+    from leanvlm.recipe import recipe_from_dict
+
+    stage = {"name": "s", "data": "d.json", "train": ["new"], "lr": {"new": "1e-3"}}
+    recipe = recipe_from_dict({"stages": [stage], "mixed_precision": False})
+    assert recipe.stages[0].lr == {"new": 0.001} and recipe.mixed_precision == "no"
+    with pytest.raises(ValueError, match=r"unknown parameter group\(s\) \['connector'\]; a himix model"):
+        recipe_from_dict({"stages": [dict(stage, train=["connector"], lr={"connector": 1e-3})]})
+    with pytest.raises(ValueError, match="learning rate of 'new' must be a number"):
+        recipe_from_dict({"stages": [dict(stage, lr={"new": "fast"})]})
+    with pytest.raises(ValueError, match=r"no learning rate for \['language_model'\]"):
+        recipe_from_dict({"stages": [dict(stage, train=["new", "language_model"])]})

@@ -141,15 +141,17 @@ def test_two_processes_match_one_with_the_same_global_batch(parts, tmp_path):
 
     single = recipe_dict(parts, tmp_path / "one", save_every=0)
     Trainer(recipe_from_dict(single), progress=False).run()
-    double = recipe_dict(parts, tmp_path / "two", save_every=0)
+    double = dict(single, output_dir=str(tmp_path / "two"))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(double))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # `accelerate launch --cpu` starts several processes only through MPI; torchrun starts them directly, and
+    # ACCELERATE_USE_CPU makes accelerate join them over gloo.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                "-m", "leanvlm", "train", str(path), "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     initial = build_state(recipe_from_dict(single))
     assert any(not torch.equal(one[key], initial[key]) for key in one)

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 
 import yaml
 
-# "new" names every parameter group the decoder policy adds (vanilla: connector; himix: vision_kv; proxyv:
-# connector + vision_mlps [+ proxy_init]); the other groups are "language_model" and "vision_model".
+# "new" names every parameter group the decoder policy adds; the other groups are "language_model" and
+# "vision_model". (proxy_init exists only with learned proxies.)
 NEW = "new"
+POLICY_GROUPS = {"vanilla": ("connector",), "himix": ("vision_kv",),
+                 "proxyv": ("connector", "vision_mlps", "proxy_init")}
+SHARED_GROUPS = ("language_model", "vision_model")
 
 
 @dataclass
@@ -150,8 +153,14 @@ def recipe_from_dict(data: dict, where: str = "recipe", base: str | None = None)
 
 
 def check_recipe(recipe: Recipe, where: str) -> None:
+    if recipe.mixed_precision is False:  # YAML reads an unquoted `no` as false
+        recipe.mixed_precision = "no"
     if recipe.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"{where}: mixed_precision must be no, bf16 or fp16.")
+        raise ValueError(f"{where}: mixed_precision must be no, bf16 or fp16, got {recipe.mixed_precision!r}.")
+    decoder = recipe.model.decoder
+    if decoder not in POLICY_GROUPS:
+        raise ValueError(f"{where}: model.decoder must be one of {', '.join(POLICY_GROUPS)}, got {decoder!r}.")
+    known = (NEW, *POLICY_GROUPS[decoder], *SHARED_GROUPS)
     names = [stage.name for stage in recipe.stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: stage names must be unique, got {names}.")
@@ -159,7 +168,16 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         at = f"{where}, stage {stage.name!r}"
         if not stage.train:
             raise ValueError(f"{at}: 'train' lists no parameter group.")
-        missing = [group for group in stage.train if group not in stage.lr and NEW not in stage.lr]
+        unknown = [group for group in [*stage.train, *stage.lr] if group not in known]
+        if unknown:
+            raise ValueError(f"{at}: unknown parameter group(s) {unknown}; a {decoder} model has {', '.join(known)}.")
+        for group, value in stage.lr.items():
+            try:
+                stage.lr[group] = float(value)  # YAML reads 1e-3 (no dot) as a string
+            except (TypeError, ValueError):
+                raise ValueError(f"{at}: the learning rate of {group!r} must be a number, got {value!r}.") from None
+        missing = [group for group in stage.train
+                   if group not in stage.lr and not (group in (NEW, *POLICY_GROUPS[decoder]) and NEW in stage.lr)]
         if missing:
             raise ValueError(f"{at}: no learning rate for {missing}; add them under 'lr'.")
         if "vision_model" in stage.train and recipe.features is not None:

@@ -167,12 +167,14 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator=None, progress: bool = True):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
         self.recipe = recipe
-        # Stages may leave groups unused in a step (e.g. a text-only batch with proxyv), so DDP must tolerate it.
         self.accelerator = accelerator or Accelerator(
             mixed_precision=recipe.mixed_precision,
+            # Batches are global and split over processes, so the schedule advances once per optimizer step.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # Stages may leave groups unused in a step (e.g. a text-only batch with proxyv); DDP must tolerate it.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.show_progress = progress and self.accelerator.is_main_process
@@ -247,6 +249,7 @@ class Trainer:
             shutil.rmtree(temporary, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(temporary, safe_serialization=True)
+        accelerator.wait_for_everyone()  # every rank's RNG state is in before the directory moves
         if accelerator.is_main_process:
             with open(os.path.join(temporary, STATE_FILE), "w") as f:
                 json.dump({"stage": position.stage, "step": position.step, "global_step": global_step}, f)
@@ -289,7 +292,7 @@ class Trainer:
             with open(os.path.join(recipe.output_dir, "recipe.json"), "w") as f:
                 json.dump(recipe_to_dict(recipe), f, indent=2)
             self._trim_log(start, fresh=checkpoint is None)
-        summary = {"stages": []}
+        summary = {"stages": [], "processes": accelerator.num_processes}
         global_step = sum(stage_steps(s, len(d)) for s, d in zip(recipe.stages[: start.stage], datasets[: start.stage]))
         for index in range(start.stage, len(recipe.stages)):
             resume_here = checkpoint if index == start.stage else None
