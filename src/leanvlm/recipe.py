@@ -168,7 +168,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         at = f"{where}, stage {stage.name!r}"
         if not stage.train:
             raise ValueError(f"{at}: 'train' lists no parameter group.")
-        unknown = [group for group in [*stage.train, *stage.lr] if group not in known]
+        unknown = sorted({group for group in [*stage.train, *stage.lr] if group not in known})
         if unknown:
             raise ValueError(f"{at}: unknown parameter group(s) {unknown}; a {decoder} model has {', '.join(known)}.")
         for group, value in stage.lr.items():
