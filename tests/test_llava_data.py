@@ -207,3 +207,16 @@ def test_data_encode_cli_errors(setup, tmp_path):
     (tmp_path / "b.png").unlink()
     result = CliRunner().invoke(app, ["data", "encode", "--data", str(path), "--out", out, "--vision", "dinov2-s14"])
     assert result.exit_code != 0 and "record 1 (id 'two')" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_feature_signature_ignores_how_the_encoder_reached_its_dtype(setup, tmp_path):
+    from leanvlm.data.features import feature_signature
+    from leanvlm.modeling import load_vision_model
+
+    trained, processor, _, _ = setup
+    trained.vision_model.save_pretrained(tmp_path / "encoder")
+    loaded_bf16 = load_vision_model(str(tmp_path / "encoder"), torch.bfloat16)  # `leanvlm data encode`
+    cast_bf16 = load_vision_model(str(tmp_path / "encoder")).to(torch.bfloat16)  # the trainer
+    fp32 = load_vision_model(str(tmp_path / "encoder"))
+    assert feature_signature(loaded_bf16, "patch", processor) == feature_signature(cast_bf16, "patch", processor)
+    assert feature_signature(fp32, "patch", processor) != feature_signature(cast_bf16, "patch", processor)

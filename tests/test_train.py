@@ -72,6 +72,9 @@ def weights(out):
 
 def test_stages_train_only_their_groups(parts, tmp_path):
     recipe = recipe_from_dict(recipe_dict(parts, tmp_path / "run", save_every=0))
+    stale = tmp_path / "run" / "checkpoints" / "step-0000099"  # an earlier run's: a fresh run must not keep it
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text('{"stage": 1, "step": 99, "global_step": 99}')
     trainer = Trainer(recipe, progress=False)
     before = {k: v.clone() for k, v in build_state(recipe).items()}
     summary = trainer.run()

@@ -225,7 +225,10 @@ def compare(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--decoder") from error
     console = Console()
-    report = run_compare(str(out), list(variant), seed, train_samples, test_samples, overrides or [], console)
+    try:
+        report = run_compare(str(out), list(variant), seed, train_samples, test_samples, overrides or [], console)
+    except (FileNotFoundError, ValueError, KeyError, ModuleNotFoundError) as error:
+        raise typer.BadParameter(f"{error} (finished variants are in {out / 'compare.json'})") from error
     console.print(Markdown(markdown(report)))
     console.print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
 
@@ -257,6 +260,9 @@ def train(
     if trainer.accelerator.is_main_process:
         console = Console()
         for stage in summary["stages"]:
+            if stage["last_loss"] is None:  # finished before the checkpoint this run resumed from
+                console.print(f"{stage['name']}: done before resuming")
+                continue
             console.print(f"{stage['name']}: {stage['steps']} steps, loss {stage['first_loss']:.4f} -> "
                           f"{stage['last_loss']:.4f}, {stage['seconds_per_step']:.2f} s/step")
         console.print(f"saved {summary['model']}")

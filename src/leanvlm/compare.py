@@ -81,6 +81,8 @@ def run_compare(out: str, variants: list[str], seed: int = 0, train: int = 3000,
             "model": summary["model"],
         }
         models[label] = model
+        # what is finished is on disk even if a later variant fails
+        write_report({"data": data, "seed": seed, "results": results, "partial": True}, out)
     # one test question, prompted as in training, for the prefill timing
     first = records[0]
     prompt = generation_prompt(to_messages(first["conversations"][:-1], "test"), processor.template,

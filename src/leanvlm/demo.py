@@ -55,10 +55,13 @@ def flops_per_sample(decoder: str, text_tokens: int, model_config=None) -> dict:
     """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens)."""
     from leanvlm.flops import decoder_flops
 
+    import inspect
+
     options = {}
-    if decoder == "proxyv" and model_config is not None:
-        options = {"proxyv_start_layer": model_config.proxyv_start_layer,
-                   "proxyv_reduce_factor": model_config.proxyv_reduce_factor}
+    if model_config is not None:  # every decoder option the cost model knows (proxyv settings, probes)
+        known = inspect.signature(decoder_flops).parameters
+        options = {name: getattr(model_config, name) for name in known
+                   if hasattr(model_config, name) and name not in ("decoder", "vision_tokens", "crops")}
     return decoder_flops(LLM_PRESET, VISION_PRESET, text_tokens, decoder, **options)
 
 

@@ -161,6 +161,8 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if decoder not in POLICY_GROUPS:
         raise ValueError(f"{where}: model.decoder must be one of {', '.join(POLICY_GROUPS)}, got {decoder!r}.")
     known = (NEW, *POLICY_GROUPS[decoder], *SHARED_GROUPS)
+    if recipe.log_every < 1 or recipe.keep_last < 1 or recipe.save_every < 0:
+        raise ValueError(f"{where}: log_every and keep_last must be >= 1 and save_every >= 0.")
     names = [stage.name for stage in recipe.stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: stage names must be unique, got {names}.")

@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import send_to_device
 
 from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, data_image_paths
 from leanvlm.recipe import NEW, Recipe, StageSpec, recipe_to_dict
@@ -149,7 +150,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float
     those of the token-mean loss over the whole global batch; returns that loss."""
     local = torch.stack([scored_tokens(b) for b in micro_batches]).sum()
     total = accelerator.reduce(local.clone(), reduction="sum").clamp(min=1)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=local.device)
     for m, batch in enumerate(micro_batches):
         count = scored_tokens(batch)
         sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else nullcontext()
@@ -259,6 +260,14 @@ class Trainer:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
+    def _drop_checkpoints_after(self, start: Position | None) -> None:
+        """A fresh run starts without checkpoints; a resumed one drops those after its start, which belong to the
+        abandoned future and would otherwise be resumed from, or outlive the new ones when pruning."""
+        for path in self.checkpoints():
+            position = self.read_position(path)
+            if start is None or (position.stage, position.step) > (start.stage, start.step):
+                shutil.rmtree(path)
+
     @staticmethod
     def read_position(checkpoint: str) -> Position:
         path = os.path.join(checkpoint, STATE_FILE)
@@ -282,6 +291,10 @@ class Trainer:
             if checkpoint is None:
                 raise FileNotFoundError(f"No checkpoint to resume from in {self.checkpoint_root}.")
         start = self.read_position(checkpoint) if checkpoint else Position()
+        for stage in recipe.stages:
+            if stage.batch_size % accelerator.num_processes:
+                raise ValueError(f"Stage {stage.name!r}: batch_size {stage.batch_size} does not split evenly over "
+                                 f"{accelerator.num_processes} processes; batch_size is the global micro-batch.")
         set_seed(recipe.seed)
         model, processor = build_model(recipe)
         if recipe.gradient_checkpointing:
@@ -289,6 +302,7 @@ class Trainer:
         datasets, evaluation = self._datasets(model, processor)
         if accelerator.is_main_process:
             os.makedirs(recipe.output_dir, exist_ok=True)
+            self._drop_checkpoints_after(start if checkpoint else None)
             with open(os.path.join(recipe.output_dir, "recipe.json"), "w") as f:
                 json.dump(recipe_to_dict(recipe), f, indent=2)
             self._trim_log(start, fresh=checkpoint is None)
@@ -300,12 +314,11 @@ class Trainer:
                 index, model, processor, datasets[index], evaluation, global_step, resume_here,
                 start.step if resume_here else 0)
             summary["stages"].append(stage_summary)
+        processor.template = recipe.stages[-1].template
+        summary["model"] = final = os.path.join(recipe.output_dir, "model")
         if accelerator.is_main_process:
-            final = os.path.join(recipe.output_dir, "model")
-            processor.template = recipe.stages[-1].template
             model.save_pretrained(final)
             processor.save_pretrained(final)
-            summary["model"] = final
             with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         accelerator.wait_for_everyone()
@@ -335,9 +348,6 @@ class Trainer:
 
         recipe, accelerator = self.recipe, self.accelerator
         stage = recipe.stages[index]
-        if stage.batch_size % accelerator.num_processes:
-            raise ValueError(f"Stage {stage.name!r}: batch_size {stage.batch_size} does not split evenly over "
-                             f"{accelerator.num_processes} processes; batch_size is the global micro-batch.")
         global_step += done
         if stage.lora is not None:
             add_lora(model, stage.lora)
@@ -354,7 +364,7 @@ class Trainer:
         collate = Collator(processor)
         trainable = [p for g in groups for p in g["params"]]
         prepared.train()
-        history, started, tokens_seen = [], time.perf_counter(), 0
+        history, started, tokens_seen, overhead = [], time.perf_counter(), 0, 0.0
         with self._stage_display(stage, steps, done) as display:
             for step in range(done, steps):
                 indices = order[step * per_step : (step + 1) * per_step]
@@ -362,7 +372,7 @@ class Trainer:
                 for m in range(stage.grad_accum):
                     chunk = indices[m * stage.batch_size : (m + 1) * stage.batch_size]
                     with accelerator.split_between_processes(chunk) as mine:
-                        micro.append(collate([dataset[i] for i in mine]))
+                        micro.append(send_to_device(collate([dataset[i] for i in mine]), accelerator.device))
                 step_loss = accumulate_gradients(prepared, micro, accelerator)
                 tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in micro)
                 accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
@@ -379,15 +389,19 @@ class Trainer:
                          "loss": step_loss, "lr": lrs, "tokens_per_s": round(rate, 1), "seconds": round(elapsed, 2)}
                 history.append(step_loss)
                 last = step + 1 == steps
-                if recipe.eval is not None and evaluation is not None and (
+                if evaluation is not None and (
                         last or (recipe.eval.every and (step + 1) % recipe.eval.every == 0)):
-                    entry["val_loss"] = self.validation_loss(prepared, evaluation, collate, stage.batch_size)
+                    eval_started = time.perf_counter()
+                    entry["val_loss"] = self.validation_loss(accelerator.unwrap_model(prepared), evaluation, collate)
                     prepared.train()
+                    overhead += time.perf_counter() - eval_started
                 if (step + 1) % recipe.log_every == 0 or last or "val_loss" in entry:
                     self._log(entry)
                 display(entry)
                 if last or (recipe.save_every and (step + 1) % recipe.save_every == 0):
+                    save_started = time.perf_counter()
                     self._save_checkpoint(Position(index, step + 1), global_step)
+                    overhead += time.perf_counter() - save_started
         model = accelerator.unwrap_model(prepared)
         if stage.lora is not None:
             merge_lora(model)
@@ -397,21 +411,26 @@ class Trainer:
         seconds = time.perf_counter() - started
         ran = steps - done
         summary = {"name": stage.name, "steps": steps, "seconds": round(seconds, 2),
-                   "seconds_per_step": round(seconds / max(ran, 1), 4),
+                   # optimizer steps only: validation and checkpoint writing excluded
+                   "seconds_per_step": round((seconds - overhead) / max(ran, 1), 4),
                    "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
                    "trainable_parameters": sum(p.numel() for p in trainable)}
         return model, summary, global_step
 
     @torch.no_grad()
-    def validation_loss(self, model, dataset, collate, batch_size: int) -> float:
-        """Token-mean loss over the first `eval.max_samples` samples, split over processes."""
+    def validation_loss(self, model, dataset, collate) -> float:
+        """Token-mean loss over the first `eval.max_samples` samples, split over processes. `model` is the unwrapped
+        model: a rank with no samples left must not leave the others waiting in a DDP forward."""
         accelerator = self.accelerator
+        batch_size = self.recipe.eval.batch_size
         model.eval()
         indices = list(range(min(len(dataset), self.recipe.eval.max_samples)))
-        total, count = torch.zeros(()), torch.zeros(())
+        total = torch.zeros((), device=accelerator.device)
+        count = torch.zeros((), device=accelerator.device)
         with accelerator.split_between_processes(indices) as mine:
             for start in range(0, len(mine), batch_size):
-                batch = collate([dataset[i] for i in mine[start : start + batch_size]])
+                batch = send_to_device(collate([dataset[i] for i in mine[start : start + batch_size]]),
+                                       accelerator.device)
                 with accelerator.autocast():
                     loss = model(**batch, return_logits=False).loss.float()
                 n = scored_tokens(batch)

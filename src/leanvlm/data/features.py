@@ -19,9 +19,12 @@ INDEX = "index.json"
 def feature_signature(vision_model, select: str, images) -> str:
     """What the features depend on besides the image: the encoder (config, weights' origin, dtype), the token
     selection and the crop settings of `images` (an `ImagePreprocessor`, e.g. the model's processor)."""
+    config = vision_model.config.to_dict()
+    for incidental in ("dtype", "torch_dtype", "_name_or_path", "transformers_version"):  # covered or irrelevant
+        config.pop(incidental, None)
     parts = {
         "encoder": getattr(vision_model, "name_or_path", ""),
-        "vision_config": vision_model.config.to_json_string(use_diff=False),
+        "vision_config": config,
         "dtype": str(next(vision_model.parameters()).dtype),
         "select": select,
         "max_crops": images.max_crops,
@@ -47,10 +50,16 @@ class FeatureCache:
     def __init__(self, directory: str, signature: str):
         self.directory, self.signature = directory, signature
         path = os.path.join(directory, INDEX)
-        self.index = json.load(open(path)) if os.path.isfile(path) else {}
+        self.index = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.index = json.load(f)
+        self._hashes: dict[str, str] = {}
 
     def key(self, image_path: str, layer: int) -> str:
-        return f"{image_hash(image_path)}-{self.signature}-layer{layer}"
+        if image_path not in self._hashes:  # an image is read and hashed once per cache object
+            self._hashes[image_path] = image_hash(image_path)
+        return f"{self._hashes[image_path]}-{self.signature}-layer{layer}"
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
