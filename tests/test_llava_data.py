@@ -220,3 +220,13 @@ def test_feature_signature_ignores_how_the_encoder_reached_its_dtype(setup, tmp_
     fp32 = load_vision_model(str(tmp_path / "encoder"))
     assert feature_signature(loaded_bf16, "patch", processor) == feature_signature(cast_bf16, "patch", processor)
     assert feature_signature(fp32, "patch", processor) != feature_signature(cast_bf16, "patch", processor)
+
+
+def test_two_writers_of_one_feature_cache_keep_each_others_shards(tmp_path):
+    from leanvlm.data.features import FeatureCache
+
+    first, second = FeatureCache(str(tmp_path), "a"), FeatureCache(str(tmp_path), "b")  # both read an empty index
+    first.add_shard({"x": torch.zeros(2)})
+    second.add_shard({"y": torch.ones(3)})
+    reopened = FeatureCache(str(tmp_path), "a")
+    assert torch.equal(reopened.get("x"), torch.zeros(2)) and torch.equal(reopened.get("y"), torch.ones(3))

@@ -45,7 +45,7 @@ def image_hash(path: str) -> str:
 
 
 class FeatureCache:
-    """`directory` holds shards `features-NNNNN.safetensors` and `index.json` {key: shard}; writes are atomic."""
+    """`directory` holds shards `features-<random>.safetensors` and `index.json` {key: shard}; writes are atomic."""
 
     def __init__(self, directory: str, signature: str):
         self.directory, self.signature = directory, signature
@@ -72,16 +72,27 @@ class FeatureCache:
             return shard.get_tensor(key)
 
     def add_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one shard under a fresh name, then merge its keys into the index on disk under a lock, so that
+        several processes can fill one cache at once."""
+        import fcntl
+        import uuid
+
         os.makedirs(self.directory, exist_ok=True)
-        name = f"features-{len(set(self.index.values())):05d}.safetensors"
+        name = f"features-{uuid.uuid4().hex[:16]}.safetensors"
         temporary = os.path.join(self.directory, f".{name}.tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, temporary)
         os.replace(temporary, os.path.join(self.directory, name))
-        self.index.update({key: name for key in tensors})
-        temporary = os.path.join(self.directory, f".{INDEX}.tmp")
-        with open(temporary, "w") as f:
-            json.dump(self.index, f)
-        os.replace(temporary, os.path.join(self.directory, INDEX))
+        with open(os.path.join(self.directory, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = os.path.join(self.directory, INDEX)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self.index.update(json.load(f))
+            self.index.update({key: name for key in tensors})
+            temporary = os.path.join(self.directory, f".{INDEX}.{os.getpid()}.tmp")
+            with open(temporary, "w") as f:
+                json.dump(self.index, f)
+            os.replace(temporary, path)
 
 
 def encode_images_to_cache(vision_model, images, layers: list[int], select: str, image_paths: list[str],
