@@ -7,31 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 from leanvlm.cli import app
 from leanvlm.data.llava import IGNORE_INDEX, LLaVADataset
 from leanvlm.evaluate import encode_prompts, evaluate, normalize, questions, score
-from test_llava_data import CHATML
+from test_llava_data import bpe_tokenizer
 from tiny import build
 
 
 def tokenizer():
     """A BPE tokenizer that merges across the joint of vicuna_v1's system line and "USER:", so a prompt tokenized
     whole differs from one tokenized piece by piece, as with real tokenizers."""
-    corpus = ["Answer in one word. USER: What color is the square? ASSISTANT: red",
-              "How many circles?\ntwo three blue green"] * 3
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=90, special_tokens=[
-        "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]))
-    result = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    result.chat_template = CHATML
-    return result
+    return bpe_tokenizer(["Answer in one word. USER: What color is the square? ASSISTANT: red",
+                          "How many circles?\ntwo three blue green"] * 3)
 
 
 RECORDS = [

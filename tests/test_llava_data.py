@@ -16,8 +16,10 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def bpe_tokenizer():
-    corpus = ["What color is the square? red blue green", "How many circles? two three", "USER: ASSISTANT:\ncaption"]
+def bpe_tokenizer(corpus=("What color is the square? red blue green", "How many circles? two three",
+                          "USER: ASSISTANT:\ncaption")):
+    """A small byte-level BPE tokenizer trained on `corpus`, with pad/bos/eos, chat-template special tokens and a
+    ChatML template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -3,6 +3,7 @@ one, LoRA merges into the saved model, and two processes match one process with 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,10 +95,10 @@ def test_stages_train_only_their_groups(parts, tmp_path):
 
 
 def build_state(recipe):
-    from leanvlm.train import build_model
-
-    torch.manual_seed(recipe.seed)
+    """The untrained weights a run of `recipe` starts from (the trainer seeds the same way)."""
     from transformers import set_seed
+
+    from leanvlm.train import build_model
 
     set_seed(recipe.seed)
     return build_model(recipe)[0].state_dict()
@@ -116,8 +117,6 @@ def test_resumed_run_reproduces_the_uninterrupted_one(parts, tmp_path, lora):
         Trainer(recipe, progress=False).run()  # the run that gets "interrupted" after `step` steps
         for name in os.listdir(out / "checkpoints"):
             if int(name.split("-")[1]) > step:
-                import shutil
-
                 shutil.rmtree(out / "checkpoints" / name)
         os.remove(out / "model" / "model.safetensors")
         Trainer(recipe_from_dict(recipe_dict(parts, out, lora=lora)), progress=False).run(resume=True)
