@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_multicrop import tokenizer
+from tiny import build, left_padded, pixels, prompt
 from typer.testing import CliRunner
 
 from leanvlm import LeanVLMProcessor
 from leanvlm.analysis import RedundancyStats
 from leanvlm.cli import app
-from test_multicrop import tokenizer
-from tiny import build, left_padded, pixels, prompt
 
 
 def test_statistics_equal_a_direct_computation():

@@ -1,14 +1,15 @@
 """`leanvlm bench` on a tiny saved model (the protocol, the report; no timing is asserted)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from tiny import build
 from typer.testing import CliRunner
 
 from leanvlm.bench import BenchSettings, peak_memory, run_bench, write_report
 from leanvlm.cli import app
-from tiny import build
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,10 @@ def test_bench_reports_every_metric_for_every_decoder(tiny_model_dir, tmp_path):
     assert results["vanilla"]["prefill_speedup"] == 1.0
     assert results["himix"]["analytic_flops_ratio"] < results["proxyv"]["analytic_flops_ratio"] < 1
     json_path, md_path, png_path = write_report(report, str(tmp_path), "tiny")
-    assert json.loads(open(json_path).read())["machine"]["cpu_count"] >= 1
-    table = open(md_path).read()
+    assert json.loads(Path(json_path).read_text())["machine"]["cpu_count"] >= 1
+    table = Path(md_path).read_text()
     assert table.count("\n| ") == 4 and "| himix |" in table  # header + 3 decoders
-    assert open(png_path, "rb").read(4) == b"\x89PNG"
+    assert Path(png_path).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cpu_peak_memory_follows_torch_allocations():

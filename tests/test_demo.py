@@ -40,8 +40,9 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
 
 
 def test_compare_report_and_variants(tmp_path):
-    from leanvlm.compare import parse_variant, prefill_seconds, write_report
     from tiny import build, pixels
+
+    from leanvlm.compare import parse_variant, prefill_seconds, write_report
 
     assert parse_variant("vanilla+probe_skip_vision_ffn_from_layer=2") == (
         "vanilla+probe_skip_vision_ffn_from_layer=2", "vanilla", {"probe_skip_vision_ffn_from_layer": 2})

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny import build, pixels, prompt, text_config, vision_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from leanvlm import LeanVLMConfig, LeanVLMForConditionalGeneration
-from tiny import build, pixels, prompt, text_config, vision_config
 
 
 def test_placeholder_count_must_match_image_count():
@@ -25,7 +25,7 @@ def test_wrong_pixel_values_shape(bad):
 
 
 def test_unknown_decoder_lists_the_valid_names():
-    with pytest.raises(ValueError, match="Unknown decoder .fastv.*vanilla, himix, proxyv"):
+    with pytest.raises(ValueError, match=r"Unknown decoder .fastv.*vanilla, himix, proxyv"):
         LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), decoder="fastv")
     with pytest.raises(ValueError, match="available decoders"):
         LeanVLMConfig(text_config=text_config(), vision_config=vision_config(), decoder="HiMix")
@@ -33,7 +33,7 @@ def test_unknown_decoder_lists_the_valid_names():
 
 def test_unsupported_language_model_family_names_the_supported_ones():
     gpt2 = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)
-    with pytest.raises(ValueError, match="Unsupported language model family 'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"Unsupported language model family 'gpt2'.*llama, mistral, qwen2, qwen3"):
         LeanVLMForConditionalGeneration.from_parts(gpt2, vision_config())
     with pytest.raises(ValueError, match="Unsupported language model family 'gpt2'"):
         LeanVLMForConditionalGeneration.from_parts(GPT2LMHeadModel(gpt2), vision_config())
@@ -74,19 +74,19 @@ def test_continuation_misuse():
 
     model = build("vanilla")
     cache = KVCache(model.config.text_config.num_hidden_layers)
-    model(torch.tensor([[5, 6, 7]]), past_key_values=cache)
+    model(torch.tensor([[5, 6, 7]]), cache=cache)
     with pytest.raises(ValueError, match="first forward of a cache"):
-        model(torch.tensor([[8]]), pixel_values=pixels(1), past_key_values=cache)
+        model(torch.tensor([[8]]), pixel_values=pixels(1), cache=cache)
     with pytest.raises(ValueError, match="labels need the whole sequence"):
-        model(torch.tensor([[8]]), labels=torch.tensor([[8]]), past_key_values=cache)
+        model(torch.tensor([[8]]), labels=torch.tensor([[8]]), cache=cache)
     with pytest.raises(ValueError, match="holds 1 sample"):
-        model(torch.tensor([[8], [9]]), past_key_values=cache)
+        model(torch.tensor([[8], [9]]), cache=cache)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(torch.tensor([[5, 6]]), labels=torch.tensor([[5, 6]]), logits_to_keep=1)
 
 
 def test_option_values_are_checked_when_the_model_is_built():
-    with pytest.raises(ValueError, match="Vision feature layer -9 does not exist.*4 hidden states"):
+    with pytest.raises(ValueError, match=r"Vision feature layer -9 does not exist.*4 hidden states"):
         LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), vision_feature_layer=-9)
     with pytest.raises(ValueError, match="himix option"):
         LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), himix_feature_layers=[-1])

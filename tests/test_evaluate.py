@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_llava_data import bpe_tokenizer
+from tiny import build
 from typer.testing import CliRunner
 
 from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 from leanvlm.cli import app
 from leanvlm.data.llava import IGNORE_INDEX, LLaVADataset
 from leanvlm.evaluate import encode_prompts, evaluate, normalize, questions, score
-from test_llava_data import bpe_tokenizer
-from tiny import build
 
 
 def tokenizer():
@@ -58,7 +58,7 @@ def training_prompt(dataset, index) -> list[int]:
 
 
 def unpadded(input_ids, attention_mask) -> list[list[int]]:
-    return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
 
 
 @pytest.mark.parametrize("template", ["chat", "vicuna_v1", "plain"])

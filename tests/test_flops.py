@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from tiny import build, pixels, prompt
 from typer.testing import CliRunner
 
 from leanvlm.cli import app
 from leanvlm.flops import Convention, LLMShape, VisionShape, decode_flops, decoder_flops, measured_flops
-from tiny import build, pixels, prompt
 
 
 # HiMix's table (reference/himix.md section 3): N = 728 SigLIP tokens, M = 64 text tokens, lm_head on all positions.

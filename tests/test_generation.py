@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 
 from leanvlm import KVCache
-from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 
 DECODERS = ["vanilla", "himix"]
 
@@ -132,9 +132,9 @@ def test_a_masked_continuation_token_does_not_advance_the_position():
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
         cache = KVCache(model.config.text_config.num_hidden_layers)
-        model(ids, past_key_values=cache)
-        model(torch.tensor([[11], [12]]), torch.tensor([[1], [0]]), past_key_values=cache)  # sample 1: padding
-        step = model(torch.tensor([[13], [14]]), past_key_values=cache).logits[:, -1]
+        model(ids, cache=cache)
+        model(torch.tensor([[11], [12]]), torch.tensor([[1], [0]]), cache=cache)  # sample 1: padding
+        step = model(torch.tensor([[13], [14]]), cache=cache).logits[:, -1]
         full = model(torch.tensor([[5, 6, 7, 11, 13], [0, 8, 9, 10, 14]]),
                      torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
@@ -145,9 +145,9 @@ def test_a_hand_written_decode_loop_grows_the_cache_geometrically():
     cache = KVCache(model.config.text_config.num_hidden_layers)
     capacities = []
     with torch.no_grad():
-        model(torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        model(torch.tensor([[5, 6, 7]]), cache=cache)
         for token in range(20, 52):
-            model(torch.tensor([[token]]), past_key_values=cache)
+            model(torch.tensor([[token]]), cache=cache)
             capacities.append(cache.keys[0].shape[2])
     assert cache.length == 35
     assert len(set(capacities)) <= 5  # 3 -> 6 -> 12 -> 24 -> 48, not one reallocation per token

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from tiny import build, left_padded, pixels, prompt
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from leanvlm import ImageContext
 from leanvlm.decoders.himix import feature_layer_per_decoder_layer
-from tiny import build, left_padded, pixels, prompt
 
 
 def vision_hidden(model, images, layer):
@@ -27,7 +27,7 @@ def reference_logits(model, text_ids, vision_per_layer):
     x = llm.model.embed_tokens(torch.tensor([text_ids]))
     m = x.shape[1]
     cos, sin = llm.model.rotary_emb(x, torch.arange(m)[None])
-    for layer, vision_kv, vision in zip(llm.model.layers, model.decoder.vision_kv, vision_per_layer):
+    for layer, vision_kv, vision in zip(llm.model.layers, model.decoder.vision_kv, vision_per_layer, strict=True):
         attn = layer.self_attn
         hd = attn.head_dim
         h = layer.input_layernorm(x)
@@ -181,5 +181,5 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
         grads.append((loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
     assert len(calls) == 3  # one checkpointed segment per decoder layer, only when enabled
     torch.testing.assert_close(grads[1][0], grads[0][0])
-    for with_ckpt, without in zip(grads[1][1], grads[0][1]):
+    for with_ckpt, without in zip(grads[1][1], grads[0][1], strict=True):
         torch.testing.assert_close(with_ckpt, without)

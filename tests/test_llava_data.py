@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny import build
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from leanvlm import LeanVLMProcessor
 from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, length_grouped_sampler
-from tiny import build
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -55,7 +55,7 @@ def setup(tmp_path):
 def scored_text(dataset, index, tokenizer):
     ids, labels = dataset.tokenize(index)
     runs, current = [], []
-    for token, label in zip(ids, labels):
+    for token, label in zip(ids, labels, strict=True):
         if label != IGNORE_INDEX:
             current.append(token)
         elif current:
@@ -106,11 +106,11 @@ def test_malformed_records_get_clear_errors(setup, tmp_path):
     _, processor, _, _ = setup
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"conversations": []}\n{"conversations": [}\n')
-    with pytest.raises(ValueError, match="bad.jsonl, line 2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: invalid JSON"):
         LLaVADataset(str(bad_line), processor)
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('[\n{"conversations": []},\n{oops}\n]')
-    with pytest.raises(ValueError, match="bad.json, line 3: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.json, line 3: invalid JSON"):
         LLaVADataset(str(bad_json), processor)
     role = tmp_path / "role.json"
     role.write_text(json.dumps([{"id": "r1", "conversations": [{"from": "robot", "value": "hi"}]}]))

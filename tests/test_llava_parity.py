@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny import VOCAB, pixels, text_config, vision_config
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from leanvlm import LeanVLMForConditionalGeneration
-from tiny import VOCAB, pixels, text_config, vision_config
 
 IMAGE_ID = VOCAB - 1  # HF Llava keeps the image token inside the vocabulary
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tiny
 from leanvlm.decoders.attention import CAUSAL, attend, build_mask
 from leanvlm.decoders.himix import HiMixDecoder
 from leanvlm.decoders.vanilla import VanillaDecoder
@@ -272,7 +272,7 @@ def test_himix_sample_without_images_sees_no_vision_key(himix_decoder):
     # sample 0: 2 images' worth of vision keys (4), sample 1: text only; text left-padded in sample 1
     prefix = [[True] * 4, [False] * 4]
     text = [[True] * 5, [False, False, True, True, True]]
-    key_valid = as_tensor([p + t for p, t in zip(prefix, text)])
+    key_valid = as_tensor([p + t for p, t in zip(prefix, text, strict=True)])
     mask = himix_decoder.build_mask(key_valid, 5, 4, None)
     assert isinstance(mask, torch.Tensor)
     assert mask[0, 0, :, :4].all()

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny import build, left_padded, pixels, prompt, text_config, vision_config
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPConfig, CLIPModel, CLIPTextConfig
 
 from leanvlm import LeanVLMForConditionalGeneration
-from tiny import build, left_padded, pixels, prompt, text_config, vision_config
 
 
 def logits(model, images=None):

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from PIL import Image
+from tiny import IMAGE_SIZE, build, pixels, prompt
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from leanvlm import KVCache, LeanVLMProcessor
 from leanvlm.crops import best_resolution, default_pinpoints, split_into_crops, usable_pinpoints
-from tiny import IMAGE_SIZE, build, pixels, prompt
 
 N = 16  # tokens per crop in the tiny models
 
@@ -78,7 +78,7 @@ def test_himix_reads_every_crop_as_vision_keys():
     context = model.encode_images(pixels(3), image_crops=[3])
     with torch.no_grad():
         cache = KVCache(model.config.text_config.num_hidden_layers)
-        base = model(ids, image_context=context, past_key_values=cache).logits
+        base = model(ids, image_context=context, cache=cache).logits
         assert cache.prefix_len == 3 * N
         swapped = model(ids, image_context=type(context)("himix", context.tokens[[2, 0, 1]], [3])).logits
         fewer = model(ids, image_context=model.encode_images(pixels(3)[:2], image_crops=[2])).logits

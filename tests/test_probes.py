@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny import build, left_padded, pixels, prompt
 
 from leanvlm import ImageContext
-from tiny import build, left_padded, pixels, prompt
 
 PROBES = [
     dict(probe_mask_vision_to_vision_from_layer=3),

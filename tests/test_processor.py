@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import tiny
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import tiny
 from leanvlm.processing import LeanVLMProcessor
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "what", "color", "is", "the", "square", "?", "how", "many", "circles",

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from leanvlm.decoders.proxyv import FULL, PROXY, REST, ProxyInitializer, build_proxy_mask, spatial_proxies
-from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 
 OPTIONS = dict(proxyv_reduce_factor=2)  # 4x4 patch grid -> 2x2 proxies per crop
 
@@ -65,7 +65,7 @@ def reference_logits(model, before, after, image):
     allowed &= ~((q_kinds[:, None] == PROXY) & (kinds[None, :] == FULL))
     allowed &= ~((q_kinds[:, None] == REST) & (kinds[None, :] == PROXY))
     cover = torch.tensor([(r // 2) * 2 + c // 2 for r in range(4) for c in range(4)])  # nearest up-sampling
-    for layer, mlp in zip(layers[s:], dec.vision_mlps):
+    for layer, mlp in zip(layers[s:], dec.vision_mlps, strict=True):
         z = layer.input_layernorm(torch.cat([f, p, x], dim=1))
         px = torch.cat([p, x], dim=1) + attention(layer, z[:, n_full:], z, rope(q_pos), rope(kv_pos), allowed)
         px = px + layer.mlp(layer.post_attention_layernorm(px))
@@ -172,7 +172,7 @@ def test_text_after_the_image_never_reaches_full_or_proxy_states():
             outs.append(model(torch.tensor([prompt(model, 5, "<image>", *after)]), pixel_values=image,
                               output_hidden_states=True))
     vision = outs[0].vision_mask[0]
-    for layer, (a, b) in enumerate(zip(outs[0].hidden_states, outs[1].hidden_states)):
+    for a, b in zip(outs[0].hidden_states, outs[1].hidden_states, strict=True):
         torch.testing.assert_close(a[0, vision], b[0, vision], atol=1e-6, rtol=0)
     # ... while the text rows do change
     assert (outs[0].hidden_states[-1][0, -1] - outs[1].hidden_states[-1][0, -1]).abs().max() > 1e-3
@@ -193,7 +193,7 @@ def test_built_masks_in_a_forward_follow_the_blocks(monkeypatch):
     model = build("proxyv", proxyv_start_layer=1, **OPTIONS)
     with torch.no_grad():
         model(torch.tensor([prompt(model, 5, 6, "<image>", 7, 8)]), pixel_values=pixels(1))
-    q_pos, q_kind, k_pos, k_kind, k_valid, mask = seen[0]
+    _, q_kind, k_pos, k_kind, _, mask = seen[0]
     proxy_rows, text_rows = q_kind[0] == PROXY, q_kind[0] == REST
     assert not mask[0][proxy_rows][:, k_kind[0] == FULL].any()  # proxies never see full tokens
     assert not mask[0][text_rows][:, k_kind[0] == PROXY].any()  # text never sees proxies
@@ -269,7 +269,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0])
-    for with_ckpt, without in zip(results[1][1], results[0][1]):
+    for with_ckpt, without in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(with_ckpt, without)
 
 
@@ -294,5 +294,5 @@ def test_a_vanilla_checkpoint_loads_as_proxyv_with_sane_new_weights(tmp_path):
 def test_learned_proxies_need_the_configured_tokens_per_crop():
     model = build("proxyv", vision="dinov2", proxyv_start_layer=1, proxyv_proxy_init="learned", **OPTIONS)
     ids = torch.tensor([prompt(model, 5, "<image>", 7)])
-    with pytest.raises(ValueError, match="built for 16 tokens per crop .* the crops have 36"):
+    with pytest.raises(ValueError, match=r"built for 16 tokens per crop .* the crops have 36"):
         model(ids, pixel_values=torch.randn(1, 3, 48, 48))

@@ -138,7 +138,7 @@ def test_recipe_loads_with_known_groups_and_a_learning_rate_for_each(path):
 @pytest.mark.parametrize("path", SHIPPED, ids=ids(SHIPPED))
 def test_recipe_paths_are_relative_and_data_resolves_against_the_recipe(path):
     data = raw(path)
-    for stage, loaded in zip(data["stages"], load_recipe(str(path)).stages):
+    for stage, loaded in zip(data["stages"], load_recipe(str(path)).stages, strict=True):
         assert not os.path.isabs(stage["data"]), "shipped recipes must not hold machine-specific paths"
         assert loaded.data == os.path.join(str(path.parent), stage["data"])
     for part in ("language_model", "vision_model"):
@@ -152,7 +152,7 @@ def test_paper_recipe_has_the_papers_settings(path):
     assert recipe.model.decoder == expected["decoder"]
     assert recipe.mixed_precision == expected["mixed_precision"]
     assert len(recipe.stages) == len(expected["stages"])
-    for stage, (template, train, lr, epochs, global_batch) in zip(recipe.stages, expected["stages"]):
+    for stage, (template, train, lr, epochs, global_batch) in zip(recipe.stages, expected["stages"], strict=True):
         assert (stage.template, stage.train, stage.epochs, stage.steps) == (template, train, epochs, None)
         assert stage.lr == pytest.approx(lr)
         assert stage.batch_size * stage.grad_accum == global_batch
@@ -271,7 +271,7 @@ def test_overrides_are_validated(tmp_path):
         load_recipe(path, ["stages.0.steps=0"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\]"):
         load_recipe(path, ["stages.0.stepz=5"])
-    with pytest.raises(ValueError, match="key.sub=value"):
+    with pytest.raises(ValueError, match=r"key\.sub=value"):
         load_recipe(path, ["stages.0.steps"])
 
 

@@ -19,7 +19,8 @@ def solve(question: str, scene: dict) -> str:
     things = scene["things"]
 
     def find(colour=None, shape=None):
-        return [t for t in things if (colour is None or t["colour"] == colour) and (shape is None or t["shape"] == shape)]
+        return [t for t in things
+                if (colour is None or t["colour"] == colour) and (shape is None or t["shape"] == shape)]
 
     def row_col(thing):
         return divmod(thing["cell"], 3)
@@ -62,7 +63,7 @@ def test_every_answer_follows_from_the_scene(samples):
 
 
 def test_answers_are_balanced_within_each_family(samples):
-    assert Counter(s["family"] for s in samples) == {family: 100 for family in FAMILIES}
+    assert Counter(s["family"] for s in samples) == dict.fromkeys(FAMILIES, 100)
     for family in FAMILIES:
         counts = Counter(s["answer"] for s in samples if s["family"] == family)
         assert set(counts) == set(ANSWERS[family])
@@ -89,7 +90,9 @@ def test_same_seed_same_bytes_and_disjoint_splits(tmp_path):
                       for r in json.loads((tmp_path / "a" / f"{split}.json").read_text())}
               for split in ("train", "val", "test")}
     assert len(scenes["train"]) == 70
-    assert not scenes["train"] & scenes["val"] and not scenes["train"] & scenes["test"] and not scenes["val"] & scenes["test"]
+    assert not scenes["train"] & scenes["val"]
+    assert not scenes["train"] & scenes["test"]
+    assert not scenes["val"] & scenes["test"]
 
 
 def test_cli_writes_llava_records_captions_and_card(tmp_path):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tiny import TEXT_FAMILIES, build, left_padded
 
 

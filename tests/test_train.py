@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_llava_data import bpe_tokenizer
+from tiny import text_config, vision_config
 
 from leanvlm.data.synthetic import synthesize
 from leanvlm.recipe import recipe_from_dict
 from leanvlm.train import Trainer
-from test_llava_data import bpe_tokenizer
-from tiny import text_config, vision_config
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one(parts, tmp_path, lora):
         Trainer(recipe_from_dict(recipe_dict(parts, out, lora=lora)), progress=False).run(resume=True)
         log = log_of(out)
         assert [e["global_step"] for e in log] == [e["global_step"] for e in expected_log]
-        for got, want in zip(log, expected_log):
+        for got, want in zip(log, expected_log, strict=True):
             assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), (step, got["global_step"])
         resumed = weights(out)
         assert resumed.keys() == expected.keys()
@@ -185,6 +185,6 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(parts):
 
     model.zero_grad()
     step_loss = accumulate_gradients(model, [collate(samples[:1]), collate(samples[1:])], Accelerator(cpu=True))
-    assert step_loss == pytest.approx(float(loss), abs=1e-5)
+    assert step_loss == pytest.approx(loss.item(), abs=1e-5)
     for name, grad in expected.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4)

@@ -92,9 +92,9 @@ def cached_and_recomputed(model, ids, mask, new, **images):
     from leanvlm import KVCache
 
     cache = KVCache(model.config.text_config.num_hidden_layers)
-    steps = [model(ids, mask, past_key_values=cache, **images).logits[:, -1]]
+    steps = [model(ids, mask, cache=cache, **images).logits[:, -1]]
     for t in range(new.shape[1]):
-        steps.append(model(new[:, t : t + 1], past_key_values=cache).logits[:, -1])
+        steps.append(model(new[:, t : t + 1], cache=cache).logits[:, -1])
     full_mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
     full = model(torch.cat([ids, new], dim=1), full_mask, **images).logits[:, -(new.shape[1] + 1) :]
     return torch.stack(steps, dim=1), full, cache

@@ -92,7 +92,7 @@ def save_redundancy(result: dict, out_dir: str, title: str = "") -> tuple[str, s
         ("vs. input embedding", ("vision_vs_input", "text_vs_input")),
         ("mean vision vs. mean text", ("cross_modal",)),
     ]
-    for axis, (name, metrics) in zip(axes, panels):
+    for axis, (name, metrics) in zip(axes, panels, strict=True):
         for metric in metrics:
             values = [row[metric] for row in result["layers"]]
             axis.plot(layers, values, marker="o", label=metric.split("_")[0] if len(metrics) > 1 else "cosine")

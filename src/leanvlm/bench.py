@@ -21,10 +21,12 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
 from leanvlm.flops import VISION_CONFIGS, Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
+
 
 @dataclass
 class BenchSettings:
@@ -128,6 +130,11 @@ def build_models(settings: BenchSettings):
     return models
 
 
+def _greedy_steps(model, token: torch.Tensor, cache, steps: int) -> None:
+    for _ in range(steps):
+        token = model.decode_step(token, cache).argmax(-1)
+
+
 def _timed(fn, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -160,7 +167,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
                                    first.config.vision_feature_select)
 
     def prefill(name, cache):
-        return models[name](ids, image_context=contexts[name], past_key_values=cache, logits_to_keep=1)
+        return models[name](ids, image_context=contexts[name], cache=cache, logits_to_keep=1)
 
     def new_cache(name):
         return KVCache(len(models[name].language_model.model.layers), reserve=settings.decode_steps)
@@ -190,18 +197,12 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             if progress is not None:
                 progress(f"{name}: {f'repeat {repeat - settings.warmup + 1}' if keep else 'warm-up'}")
             with torch.no_grad():
-                encode_s, _ = _timed(lambda: model.encode_images(pixels, crops), device)
+                encode_s, _ = _timed(partial(model.encode_images, pixels, crops), device)
                 cache = new_cache(name)
-                prefill_s, out = _timed(lambda: prefill(name, cache), device)
+                prefill_s, out = _timed(partial(prefill, name, cache), device)
                 extra[name]["kv_cache_bytes"] = cache.nbytes()
                 token = out.logits[:, -1].argmax(-1)
-
-                def decode():
-                    step = token
-                    for _ in range(settings.decode_steps):
-                        step = model.decode_step(step, cache).argmax(-1)
-
-                decode_s, _ = _timed(decode, device)
+                decode_s, _ = _timed(partial(_greedy_steps, model, token, cache, settings.decode_steps), device)
             if keep:
                 record(name, "encode_ms", encode_s)
                 record(name, "prefill_ms", prefill_s)
@@ -211,7 +212,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         for name in names[repeat % len(names):] + names[: repeat % len(names)]:
             if progress is not None:
                 progress(f"{name}: training step {repeat + 1}")
-            train_s, _ = _timed(lambda: train_step(name), device)
+            train_s, _ = _timed(partial(train_step, name), device)
             if repeat >= settings.warmup:
                 record(name, "train_step_ms", train_s)
     memory_method = ""
@@ -220,9 +221,9 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             progress(f"{name}: peak memory")
         with torch.no_grad():
             cache = new_cache(name)
-            extra[name]["prefill_peak_bytes"], memory_method = peak_memory(lambda: prefill(name, cache), device)
+            extra[name]["prefill_peak_bytes"], memory_method = peak_memory(partial(prefill, name, cache), device)
         if settings.train:
-            extra[name]["train_peak_bytes"], _ = peak_memory(lambda: train_step(name), device)
+            extra[name]["train_peak_bytes"], _ = peak_memory(partial(train_step, name), device)
     if "proxyv" in models:  # report the start layer actually used
         settings.proxyv_start_layer = models["proxyv"].config.proxyv_start_layer
     tokens_per_crop = contexts[next(iter(models))].tokens.shape[-2]

@@ -36,7 +36,7 @@ def flops(
     llm: str = typer.Option(..., help="LLM preset (e.g. qwen2-0.5b, vicuna-7b) or a Hugging Face config.json path."),
     vision: str = typer.Option(..., help="Vision preset: siglip-so400m-384, clip-l-336 or dinov2-s14-224."),
     text_tokens: int = typer.Option(..., min=1, help="Non-vision tokens in the prompt (text, and crop newlines)."),
-    vision_tokens: int = typer.Option(None, min=1, help="All vision tokens of the sample (default: encoder's x crops)."),
+    vision_tokens: int = typer.Option(None, min=1, help="Vision tokens in the sample (default: encoder's x crops)."),
     crops: int = typer.Option(1, min=1, help="Crops per image."),
     decoder: str = typer.Option("vanilla", help="Decoder for the JSON output: vanilla, himix or proxyv."),
     proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
@@ -83,7 +83,8 @@ def flops(
         table.add_column(column, justify="right")
     for name, result in results.items():
         cells = [f"{result['breakdown'].get(part, 0) / 1e9:.1f}" for part in parts]
-        table.add_row(name, f"{result['total_flops'] / 1e9:.1f}", f"{result['total_flops'] / vanilla_total:.1%}", *cells)
+        total = result["total_flops"]
+        table.add_row(name, f"{total / 1e9:.1f}", f"{total / vanilla_total:.1%}", *cells)
     console = Console()
     console.print(table)
     console.print(f"one decoded token at {tokens['vision'] + tokens['text']} tokens of context: "
@@ -112,14 +113,12 @@ def bench(
 ) -> None:
     """Prefill / decode latency, tokens/s, peak memory, KV-cache bytes and a training step for each decoder,
     interleaved in one process, each ratio to vanilla next to the analytic FLOPs ratio."""
+    import torch
     from rich.console import Console
     from rich.markdown import Markdown
     from rich.progress import Progress
 
     from leanvlm.bench import BenchSettings, markdown, run_bench, write_report
-
-    import torch
-
     from leanvlm.flops import LLM_PRESETS
 
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -287,7 +286,8 @@ def data_synth(
         counts = synthesize(str(out), train, val, test, seed, image_size,
                             progress=lambda split: status.update(f"generating {split}"))
     for split, families in counts.items():
-        console.print(f"{split}: {sum(families.values())} samples " + ", ".join(f"{k} {v}" for k, v in families.items()))
+        listed = ", ".join(f"{k} {v}" for k, v in families.items())
+        console.print(f"{split}: {sum(families.values())} samples {listed}")
     console.print(f"wrote {out}")
 
 

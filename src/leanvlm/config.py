@@ -1,4 +1,4 @@
-"""`LeanVLMConfig`: the language model's config, the vision encoder's config, and the decoder policy with its options."""
+"""`LeanVLMConfig`: the language model's and vision encoder's configs, and the decoder policy with its options."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class LeanVLMConfig(PreTrainedConfig):
     """
 
     model_type = "leanvlm"
-    sub_configs_defaults = {
+    # a class attribute that transformers reads, never mutated
+    sub_configs_defaults = {  # noqa: RUF012
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
     }

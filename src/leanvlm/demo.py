@@ -53,9 +53,9 @@ def demo_recipe(data: str, output_dir: str, decoder: str, overrides: list[str] =
 
 def flops_per_sample(decoder: str, text_tokens: int, model_config=None) -> dict:
     """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens)."""
-    from leanvlm.flops import decoder_flops
-
     import inspect
+
+    from leanvlm.flops import decoder_flops
 
     options = {}
     if model_config is not None:  # every decoder option the cost model knows (proxyv settings, probes)

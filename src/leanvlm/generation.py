@@ -64,7 +64,7 @@ def generate(
 
     cache = KVCache(len(decoder_layers(model.language_model)), reserve=max_new_tokens)
     logits = model(
-        input_ids, attention_mask, pixel_values, image_context, past_key_values=cache, logits_to_keep=1
+        input_ids, attention_mask, pixel_values, image_context, cache=cache, logits_to_keep=1
     ).logits[:, -1]
     image_token_id = model.config.image_token_id  # a placeholder, never an answer
     if streamer is not None:

@@ -18,9 +18,8 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.utils import GENERATION_CONFIG_NAME
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from leanvlm.config import LeanVLMConfig
 from leanvlm.decoders import build_decoder
@@ -49,7 +48,7 @@ class LeanVLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
+    cache: KVCache | None = None
     attention_mask: torch.Tensor | None = None
     # with output_hidden_states: the input embeddings and each layer's output (before the final norm), same layout
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -127,7 +126,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         **options,
     ) -> LeanVLMForConditionalGeneration:
         """Assemble a VLM from an LLM and a vision encoder, each a model object, a local directory, a config (random
-        init), or the name of a packaged pretrained part ("smollm2-135m", "dinov2-s14"; see `leanvlm.hub`). `options` are `LeanVLMConfig` fields (decoder options, feature layer, connector...).
+        init), or the name of a packaged pretrained part ("smollm2-135m", "dinov2-s14"; see `leanvlm.hub`). `options`
+        are `LeanVLMConfig` fields (decoder options, feature layer, connector...).
 
         The `<image>` placeholder id is `image_token_id` if given, else the tokenizer's `<image>` token (added to the
         tokenizer when missing), else a new id after the vocabulary; the embeddings grow when the id needs it.
@@ -263,7 +263,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_context: ImageContext | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        cache: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
         image_crops: torch.Tensor | None = None,
@@ -272,7 +272,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         vision_features: dict | None = None,
         **kwargs,
     ) -> LeanVLMOutput:
-        """Prefill/training forward, or (with a filled `past_key_values`) a continuation over new text tokens, whose
+        """Prefill/training forward, or (with a filled `cache`) a continuation over new text tokens, whose
         `attention_mask` then covers only the new tokens. `logits_to_keep=k` computes logits for the last k
         positions only (0 = all); `return_logits=False` skips them (training: the loss needs only the scored
         positions)."""
@@ -286,7 +286,6 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
                 )
             if logits_to_keep:
                 raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
-        cache = past_key_values
         if cache is not None and cache.length:
             self._check_continuation(input_ids, pixel_values, image_context, labels, cache)
             inputs = self._continuation_inputs(input_ids, valid, cache)
@@ -330,7 +329,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         return LeanVLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
+            cache=cache,
             attention_mask=inputs.valid,
             hidden_states=states,
             vision_mask=inputs.vision,
@@ -382,7 +381,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One generation step for every sample: tokens (B,) -> next-token logits (B, vocab). No input checks."""
         valid = torch.ones_like(tokens[:, None], dtype=torch.bool)
-        return self._run(self._continuation_inputs(tokens[:, None], valid, cache), cache, logits_to_keep=1).logits[:, -1]
+        inputs = self._continuation_inputs(tokens[:, None], valid, cache)
+        return self._run(inputs, cache, logits_to_keep=1).logits[:, -1]
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_context=None, image_crops=None,
                  **kwargs):

@@ -186,7 +186,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
             raise ValueError(f"{at}: trains the vision model, so its features cannot be cached; set features: null.")
         if stage.lora is not None and "language_model" not in stage.train:
             raise ValueError(f"{at}: 'lora' applies to the language model; add language_model to 'train'.")
-        if stage.steps is not None and stage.steps < 1 or stage.epochs <= 0:
+        if (stage.steps is not None and stage.steps < 1) or stage.epochs <= 0:
             raise ValueError(f"{at}: steps must be >= 1 and epochs > 0.")
         if stage.batch_size < 1 or stage.grad_accum < 1:
             raise ValueError(f"{at}: batch_size and grad_accum must be >= 1.")

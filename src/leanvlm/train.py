@@ -307,7 +307,8 @@ class Trainer:
                 json.dump(recipe_to_dict(recipe), f, indent=2)
             self._trim_log(start, fresh=checkpoint is None)
         summary = {"stages": [], "processes": accelerator.num_processes}
-        global_step = sum(stage_steps(s, len(d)) for s, d in zip(recipe.stages[: start.stage], datasets[: start.stage]))
+        done_stages = zip(recipe.stages[: start.stage], datasets[: start.stage], strict=True)
+        global_step = sum(stage_steps(stage, len(dataset)) for stage, dataset in done_stages)
         for index in range(start.stage, len(recipe.stages)):
             resume_here = checkpoint if index == start.stage else None
             model, stage_summary, global_step = self._run_stage(

@@ -88,7 +88,7 @@ class FeatureCache:
             if os.path.isfile(path):
                 with open(path) as f:
                     self.index.update(json.load(f))
-            self.index.update({key: name for key in tensors})
+            self.index.update(dict.fromkeys(tensors, name))
             temporary = os.path.join(self.directory, f".{INDEX}.{os.getpid()}.tmp")
             with open(temporary, "w") as f:
                 json.dump(self.index, f)
@@ -109,7 +109,7 @@ def encode_images_to_cache(vision_model, images, layers: list[int], select: str,
         with torch.no_grad():
             features = encode_features(vision_model, pixels, layers, select)
         offset = 0
-        for path, count in zip(chunk, crops.tolist()):
+        for path, count in zip(chunk, crops.tolist(), strict=True):
             for layer in layers:
                 pending[cache.key(path, layer)] = features[layer][offset : offset + count].clone()
             offset += count

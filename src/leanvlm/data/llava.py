@@ -125,12 +125,13 @@ class LLaVADataset(torch.utils.data.Dataset):
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             self.truncated += 1
             if not self._warned:
-                warnings.warn(f"Samples longer than max_length={self.max_length} are truncated (see .truncated).")
+                warnings.warn(f"Samples longer than max_length={self.max_length} are truncated (see .truncated).",
+                              stacklevel=2)
                 self._warned = True
             paths = paths[: ids.count(self.processor.image_token_id)]
         if self.feature_cache is not None:
-            features = [{layer: self.feature_cache.get(self.feature_cache.key(p, layer)) for layer in self.feature_layers}
-                        for p in paths]
+            cache = self.feature_cache
+            features = [{layer: cache.get(cache.key(p, layer)) for layer in self.feature_layers} for p in paths]
             return {"input_ids": ids, "labels": labels, "features": features}
         return {"input_ids": ids, "labels": labels, "images": [Image.open(p).convert("RGB") for p in paths]}
 

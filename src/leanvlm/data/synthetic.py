@@ -121,8 +121,8 @@ class SceneBuilder:
         for cell in free[: max(0, total - len(things))]:
             for _ in range(20):
                 candidate = self.thing(cell)
-                if keep(things + [candidate]):
-                    things = things + [candidate]
+                if keep([*things, candidate]):
+                    things = [*things, candidate]
                     break
         self.rng.shuffle(things)
         return things
@@ -145,8 +145,9 @@ def make_sample(family: str, answer: str, rng: random.Random) -> tuple[Scene, st
         fields = {"colour": target.colour}
     elif family == "count":
         shape = rng.choice(SHAPES)
-        things = [build.thing(cells.pop(), shape=shape) for _ in range(int(answer))]
-        things = build.fill(things, max(total, int(answer)), lambda ts: sum(t.shape == shape for t in ts) == int(answer))
+        count = int(answer)
+        things = [build.thing(cells.pop(), shape=shape) for _ in range(count)]
+        things = build.fill(things, max(total, count), lambda ts: sum(t.shape == shape for t in ts) == count)
         fields = {"shape": shape}
     elif family == "existence":
         shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
@@ -266,6 +267,6 @@ def card(counts: dict, seed: int, image_size: int) -> str:
     for family in FAMILIES:
         lines.append(f"| {family} | " + " | ".join(str(counts[s].get(family, 0)) for s in counts)
                      + f" | {', '.join(ANSWERS[family])} |")
-    lines += ["", "Files: `{train,val,test}.json` (LLaVA format, with `family` and `scene`), `captions.json` (one caption "
-              "per train image, for alignment), `images/`."]
+    lines += ["", "Files: `{train,val,test}.json` (LLaVA format, with `family` and `scene`), `captions.json` (one "
+              "caption per train image, for alignment), `images/`."]
     return "\n".join(lines) + "\n"

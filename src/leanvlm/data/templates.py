@@ -66,7 +66,7 @@ def generation_prompt(messages: list[dict], template: str, tokenizer) -> list[st
     turn, after `messages` (which end with the user's question), with the BOS that `LLaVADataset` puts in front of
     non-chat samples. The pieces are returned separately because training tokenizes them one by one: joining them
     first would let BPE merge across a joint and give the model ids it never saw."""
-    pieces = segments(messages + [{"role": "assistant", "content": ""}], template, tokenizer)
+    pieces = segments([*messages, {"role": "assistant", "content": ""}], template, tokenizer)
     if pieces and pieces[-1][1]:  # the (empty) answer itself, with its end-of-turn text
         pieces = pieces[:-1]
     bos = [tokenizer.bos_token] if template != "chat" and tokenizer.bos_token_id is not None else []

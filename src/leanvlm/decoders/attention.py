@@ -23,7 +23,7 @@ def build_mask(
     window: sliding-window size for text keys (query index - key index < window), None for full attention.
     Returns None when every query may see every key, `CAUSAL` when the plain causal mask is exact.
     """
-    batch, num_keys = key_valid.shape
+    num_keys = key_valid.shape[1]
     num_text = num_keys - prefix_len
     window_is_open = window is None or window >= num_text
     if bool(key_valid.all()) and window_is_open:

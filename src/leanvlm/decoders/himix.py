@@ -66,7 +66,7 @@ class HiMixDecoder(DecoderPolicy):
 
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         per_layer = []
-        for vision_kv, feature_layer in zip(self.vision_kv, self.layer_feature):
+        for vision_kv, feature_layer in zip(self.vision_kv, self.layer_feature, strict=True):
             key, value = vision_kv(features[feature_layer])  # (n, N, H_kv * D)
             n, num_tokens, _ = key.shape
             kv = torch.stack([key, value], dim=1).view(n, 2, num_tokens, self.num_kv_heads, self.head_dim)

@@ -5,9 +5,8 @@ every decoder layer with a causal mask."""
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from leanvlm.connector import build_connector
 from leanvlm.decoders.attention import CAUSAL, build_mask
@@ -102,7 +101,7 @@ class VanillaDecoder(DecoderPolicy):
             sample_labels = labels[b, valid[b]] if labels is not None else None
             cuts = (ids == image_token_id).nonzero().flatten().tolist()
             pieces, label_pieces, flags, start = [], [], [], 0
-            for cut, image in zip(cuts, images):
+            for cut, image in zip(cuts, images, strict=True):
                 image_tokens = self.image_tokens(context.image(image).to(embeds.dtype))
                 pieces += [embeds[start:cut], image_tokens]
                 flags += [torch.zeros(cut - start, dtype=torch.bool), self._vision_flags(context.crops[image], context)]

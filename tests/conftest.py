@@ -1,0 +1,19 @@
+"""Every test fails when the code it runs triggers a deprecation in transformers, accelerate or peft.
+
+An upstream deprecation is the next release's breakage (transformers 5.24 renamed `past_key_values` to `cache` in
+its output classes one release after warning about it), so it must fail a test here, not the demo on a user's
+machine. A test that provokes deprecations on purpose is marked `upstream_deprecations_expected`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from deprecations import upstream_deprecations
+
+
+@pytest.fixture(autouse=True)
+def no_upstream_deprecations(request):
+    with upstream_deprecations() as found:
+        yield
+    if found and request.node.get_closest_marker("upstream_deprecations_expected") is None:
+        pytest.fail("deprecated upstream API used:\n" + "\n".join(dict.fromkeys(found)), pytrace=False)
