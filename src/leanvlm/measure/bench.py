@@ -1,0 +1,347 @@
+"""`leanvlm bench`: latency, memory and KV-cache size of each decoder, measured interleaved in one process.
+
+Protocol, per repeat and per decoder in turn (after warm-up), with a barrier (`torch.cuda.synchronize`) on GPU:
+- encode: vision encoder + projection of the batch's images (`encode_images`);
+- prefill: the decoder prefill from the encoded images, logits for the last position only (time to first token of a
+  question about an already-encoded image);
+- TTFT from pixels = encode + prefill;
+- decode: `decode_steps` greedy steps on the cache, per token;
+- train step: forward + backward with labels from cached encoder features (encoder frozen);
+- peak memory of the prefill and of the training step, in separate untimed passes: CUDA `max_memory_allocated`
+  above the level before; on CPU the peak of torch's allocations (torch.profiler memory events).
+Medians and spreads (min..max) over repeats; every ratio is to vanilla in the same run, next to the analytic FLOPs
+ratio of the same work (decoder prefill from encoded images: connector and HiMix vision K/V are part of encode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+
+from leanvlm.measure.flops import VISION_CONFIGS, Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
+
+
+@dataclass
+class BenchSettings:
+    llm: str = "qwen2-0.5b"
+    vision: str = "siglip-so400m-384"
+    decoders: list[str] = field(default_factory=lambda: ["vanilla", "himix", "proxyv"])
+    text_tokens: int = 64
+    crops: int = 1
+    batch: int = 1
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    repeats: int = 5
+    warmup: int = 1
+    decode_steps: int = 16
+    proxyv_start_layer: int | None = None  # None = the middle layer
+    proxyv_reduce_factor: int = 4
+    train: bool = True
+    model: str | None = None  # a saved leanvlm model: its LLM and encoder replace the presets' random ones
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def peak_memory(fn, device: torch.device) -> tuple[int, str]:
+    """Peak memory `fn` allocates above the level before it, and how it was measured: the CUDA allocator's peak on
+    GPU; on CPU the running total of torch's allocation and free events (torch.profiler with profile_memory)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, "CUDA max_memory_allocated above the level before"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    records = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    usage = peak = 0  # every allocation (+) and free (-) record, in time order
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        usage += record.nbytes()
+        peak = max(peak, usage)
+    return peak, "peak of torch's CPU allocations above the level before (torch.profiler memory records)"
+
+
+def build_parts(settings: BenchSettings):
+    """(LLM, vision encoder, <image> id): from a saved model, or random weights from the presets."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+
+    dtype = getattr(torch, settings.dtype)
+    if settings.model:
+        model = LeanVLMForConditionalGeneration.from_pretrained(settings.model, dtype=dtype)
+        return model.language_model, model.vision_model, model.config.image_token_id
+    shape = resolve_llm(settings.llm)
+    family = "qwen2" if settings.llm.startswith("qwen2") else "llama"
+    text_config = AutoConfig.for_model(
+        family, hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate_size=shape.ffn,
+        vocab_size=shape.vocab + 1, max_position_embeddings=32768, tie_word_embeddings=False,
+    )
+    if settings.vision not in VISION_CONFIGS:
+        raise ValueError(f"Unknown vision preset {settings.vision!r}; choose one of {', '.join(VISION_CONFIGS)}.")
+    model_type, kwargs = VISION_CONFIGS[settings.vision]
+    llm = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+    vision = AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=dtype)
+    return llm, vision, shape.vocab
+
+
+def build_models(settings: BenchSettings):
+    """A model for each decoder, all sharing one LLM and one vision encoder."""
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+
+    llm, vision, image_token_id = build_parts(settings)
+    dtype = getattr(torch, settings.dtype)
+    size = vision.config.image_size
+    models = {}
+    for decoder in settings.decoders:
+        options = {"max_crops": settings.crops}
+        if decoder == "proxyv":
+            options.update(proxyv_start_layer=settings.proxyv_start_layer,
+                           proxyv_reduce_factor=settings.proxyv_reduce_factor)
+        elif decoder not in ("vanilla", "himix"):
+            raise ValueError(f"Unknown decoder {decoder!r}; choose vanilla, himix or proxyv.")
+        if settings.crops > 1:
+            options["image_grid_pinpoints"] = [[size * (settings.crops - 1), size]]
+        model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder=decoder,
+                                                           image_token_id=image_token_id, **options)
+        models[decoder] = model.to(device=settings.device, dtype=dtype).eval()
+    return models
+
+
+def _greedy_steps(model, token: torch.Tensor, cache, steps: int) -> None:
+    for _ in range(steps):
+        token = model.decode_step(token, cache).argmax(-1)
+
+
+def _timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def run_bench(settings: BenchSettings, progress=None) -> dict:
+    """Measure every decoder; `progress(description)` is called before each measurement."""
+    from leanvlm.decoders.base import ImageContext
+    from leanvlm.decoders.cache import KVCache
+    from leanvlm.vision import encode_features
+
+    device = torch.device(settings.device)
+    torch.manual_seed(0)
+    models = build_models(settings)
+    first = next(iter(models.values()))
+    size = first.config.vision_config.image_size
+    pixels = torch.randn(settings.batch * settings.crops, 3, size, size, device=device)
+    crops = [settings.crops] * settings.batch
+    image_id = first.config.image_token_id
+    text = torch.randint(3, min(1000, image_id), (settings.batch, settings.text_tokens), device=device)
+    ids = torch.cat([torch.full((settings.batch, 1), image_id, device=device), text], dim=1)
+    with torch.no_grad():
+        contexts = {name: model.encode_images(pixels, crops) for name, model in models.items()}
+        features = encode_features(first.vision_model, pixels, first.config.feature_layers,
+                                   first.config.vision_feature_select)
+
+    def prefill(name, cache):
+        return models[name](ids, image_context=contexts[name], cache=cache, logits_to_keep=1)
+
+    def new_cache(name):
+        return KVCache(len(models[name].language_model.model.layers), reserve=settings.decode_steps)
+
+    def train_step(name):  # from cached encoder features: projection + decoder forward + backward
+        model = models[name]
+        model.train()
+        tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in features.items()})
+        context = ImageContext(name, tokens, crops, contexts[name].grid)
+        model(ids, image_context=context, labels=ids, return_logits=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    extra: dict[str, dict] = {name: {} for name in models}
+
+    def record(name, key, seconds):
+        samples[name].setdefault(key, []).append(1e3 * seconds)
+
+    names = list(models)
+    # Inference first, then training, each rotating the decoder order every repeat so that no decoder always runs
+    # right after a particular other one.
+    for repeat in range(settings.warmup + settings.repeats):
+        keep = repeat >= settings.warmup
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            model = models[name]
+            if progress is not None:
+                progress(f"{name}: {f'repeat {repeat - settings.warmup + 1}' if keep else 'warm-up'}")
+            with torch.no_grad():
+                encode_s, _ = _timed(partial(model.encode_images, pixels, crops), device)
+                cache = new_cache(name)
+                prefill_s, out = _timed(partial(prefill, name, cache), device)
+                extra[name]["kv_cache_bytes"] = cache.nbytes()
+                token = out.logits[:, -1].argmax(-1)
+                decode_s, _ = _timed(partial(_greedy_steps, model, token, cache, settings.decode_steps), device)
+            if keep:
+                record(name, "encode_ms", encode_s)
+                record(name, "prefill_ms", prefill_s)
+                record(name, "ttft_from_pixels_ms", encode_s + prefill_s)
+                record(name, "decode_ms_per_token", decode_s / settings.decode_steps)
+    for repeat in range(settings.warmup + settings.repeats if settings.train else 0):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            if progress is not None:
+                progress(f"{name}: training step {repeat + 1}")
+            train_s, _ = _timed(partial(train_step, name), device)
+            if repeat >= settings.warmup:
+                record(name, "train_step_ms", train_s)
+    memory_method = ""
+    for name in models:  # memory in separate, untimed passes: the CPU method slows down what it watches
+        if progress is not None:
+            progress(f"{name}: peak memory")
+        with torch.no_grad():
+            cache = new_cache(name)
+            extra[name]["prefill_peak_bytes"], memory_method = peak_memory(partial(prefill, name, cache), device)
+        if settings.train:
+            extra[name]["train_peak_bytes"], _ = peak_memory(partial(train_step, name), device)
+    if "proxyv" in models:  # report the start layer actually used
+        settings.proxyv_start_layer = models["proxyv"].config.proxyv_start_layer
+    tokens_per_crop = contexts[next(iter(models))].tokens.shape[-2]
+    configs = {name: model.config for name, model in models.items()}
+    return summarize(settings, samples, extra, memory_method, configs, tokens_per_crop)
+
+
+def summarize(settings, samples: dict, extra: dict, memory_method: str, configs: dict, tokens_per_crop: int) -> dict:
+    """Medians, spreads and ratios to vanilla, next to the analytic FLOPs of the same work (shapes from each
+    decoder's config)."""
+    work = Convention(attention="causal", lm_head="last", connector=False)
+    results = {}
+    for name, metrics in samples.items():
+        config = configs[name]
+        vision = VisionShape(tokens_per_crop, config.vision_config.hidden_size)
+        newlines = settings.crops if config.uses_image_newline else 0
+        flops = decoder_flops(LLMShape.from_config(config), vision, settings.text_tokens + newlines, name,
+                              crops=settings.crops, convention=work,
+                              proxyv_start_layer=settings.proxyv_start_layer,
+                              proxyv_reduce_factor=settings.proxyv_reduce_factor)
+        prefill_flops = flops["total_flops"] - flops["breakdown"].get("vision_kv", 0)
+        row = {key: {"median": statistics.median(v), "min": min(v), "max": max(v)} for key, v in metrics.items()}
+        row["tokens_per_s"] = settings.batch * 1e3 / row["decode_ms_per_token"]["median"]
+        row["prefill_flops"] = prefill_flops * settings.batch
+        row.update(extra[name])
+        results[name] = row
+    if "vanilla" in results:
+        base = results["vanilla"]
+        for row in results.values():
+            row["prefill_speedup"] = base["prefill_ms"]["median"] / row["prefill_ms"]["median"]
+            row["analytic_flops_ratio"] = row["prefill_flops"] / base["prefill_flops"]
+            row["analytic_speedup"] = 1 / row["analytic_flops_ratio"]
+            row["ttft_reused_vs_vanilla_from_pixels"] = (
+                base["ttft_from_pixels_ms"]["median"] / row["prefill_ms"]["median"]
+            )
+    first = next(iter(configs.values()))
+    title = settings.model or f"{settings.llm} + {settings.vision}"
+    return {"title": title, "settings": asdict(settings), "machine": machine(), "memory_method": memory_method,
+            "results": results, "llm_layers": first.text_config.num_hidden_layers}
+
+
+def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
+    """JSON, markdown table and a PNG plot of the report in `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(markdown(report))
+    results = report["results"]
+    names = list(results)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.38
+    x = range(len(names))
+    measured = [results[n].get("prefill_speedup", 0) for n in names]
+    analytic = [results[n].get("analytic_speedup", 0) for n in names]
+    axes[0].bar([i - width / 2 for i in x], measured, width, label="measured prefill speed-up")
+    axes[0].bar([i + width / 2 for i in x], analytic, width, label="analytic speed-up (FLOPs ratio)")
+    axes[0].set_xticks(list(x), names)
+    axes[0].set_ylabel("x faster than vanilla")
+    axes[0].legend()
+    axes[0].set_title("Prefill from an encoded image")
+    kv = [results[n]["kv_cache_bytes"] / 2**20 for n in names]
+    decode = [results[n]["decode_ms_per_token"]["median"] for n in names]
+    axes[1].bar([i - width / 2 for i in x], decode, width, label="decode ms/token")
+    axes[1].bar([i + width / 2 for i in x], kv, width, label="KV cache MiB")
+    axes[1].set_xticks(list(x), names)
+    axes[1].legend()
+    axes[1].set_title("Decoding")
+    s = report["settings"]
+    figure.suptitle(f"{report['title']}, {s['crops']} crop(s), {s['text_tokens']} text tokens, "
+                    f"batch {s['batch']}, {s['dtype']} on {s['device']}")
+    figure.tight_layout()
+    figure.savefig(paths[2], dpi=110)
+    plt.close(figure)
+    return paths
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def markdown(report: dict) -> str:
+    s, m = report["settings"], report["machine"]
+    lines = [
+        f"### {report['title']} ({s['crops']} crop(s)), {s['text_tokens']} text tokens, batch {s['batch']}, "
+        f"{s['dtype']}, {s['device']}",
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "") + f", torch {m['torch']}. Medians of {s['repeats']} repeats "
+        f"(min..max), after {s['warmup']} warm-up; peak memory: {report['memory_method']}.",
+        "",
+        "| decoder | prefill ms | speed-up | analytic | TTFT from pixels ms | decode ms/token | tokens/s | KV cache MiB"
+        " | prefill peak MiB | train step ms | train peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row, key, scale=1.0):
+        if key not in row:
+            return "-"
+        value = row[key]
+        return f"{value['median'] * scale:.0f} ({value['min'] * scale:.0f}..{value['max'] * scale:.0f})"
+
+    for name, row in report["results"].items():
+        lines.append(
+            f"| {name} | {cell(row, 'prefill_ms')} | {_ratio(row.get('prefill_speedup'))} | "
+            f"{_ratio(row.get('analytic_speedup'))} | {cell(row, 'ttft_from_pixels_ms')} | "
+            f"{cell(row, 'decode_ms_per_token')} | {row['tokens_per_s']:.1f} | "
+            f"{row['kv_cache_bytes'] / 2**20:.1f} | {_mib(row.get('prefill_peak_bytes'))} | "
+            f"{cell(row, 'train_step_ms')} | {_mib(row.get('train_peak_bytes'))} |"
+        )
+    return "\n".join(lines) + "\n"

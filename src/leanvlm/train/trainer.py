@@ -1,0 +1,466 @@
+"""Staged training on accelerate: each recipe stage trains chosen parameter groups (optionally the LLM through LoRA)
+with AdamW, per-group learning rates, a cosine schedule with warm-up, gradient accumulation and mixed precision.
+
+The data order is a pure function of (seed, stage, step), checkpoints hold the model, optimizer, scheduler and RNG
+states, and the loss of every optimizer step is normalised by the scored tokens of the whole global batch, so a run
+resumed from a checkpoint, or spread over several processes, reproduces a single uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import send_to_device
+
+from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, data_image_paths
+from leanvlm.train.recipe import NEW, Recipe, StageSpec, recipe_to_dict
+
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimizer steps done in stage `stage`."""
+
+    stage: int = 0
+    step: int = 0
+
+
+def build_model(recipe: Recipe):
+    """The model and processor a recipe starts from (fp32 master weights)."""
+    from transformers import AutoTokenizer
+
+    from leanvlm.hub import PARTS, pretrained_part
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+    from leanvlm.processing import LeanVLMProcessor
+
+    spec = recipe.model
+    if spec.init_from:
+        model = LeanVLMForConditionalGeneration.from_pretrained(spec.init_from, dtype=torch.float32)
+        return model, LeanVLMProcessor.from_pretrained(spec.init_from)
+    source = pretrained_part(spec.language_model) if spec.language_model in PARTS else spec.language_model
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = LeanVLMForConditionalGeneration.from_parts(source, spec.vision_model, decoder=spec.decoder,
+                                                       tokenizer=tokenizer, dtype=torch.float32, **spec.options)
+    return model, LeanVLMProcessor.for_model(model, tokenizer)
+
+
+def expand_groups(model, names) -> list[str]:
+    """Recipe group names -> the model's parameter-group names ("new": the decoder policy's own groups)."""
+    groups = model.parameter_groups()
+    policy = list(model.decoder.parameter_groups())
+    expanded = []
+    for name in names:
+        for group in policy if name == NEW else [name]:
+            if group not in groups:
+                raise ValueError(f"Unknown parameter group {name!r}; this {model.config.decoder} model has "
+                                 f"{', '.join([NEW, *groups])}.")
+            if group not in expanded:
+                expanded.append(group)
+    return expanded
+
+
+def group_lr(stage: StageSpec, group: str, policy_groups) -> float:
+    if group in stage.lr:
+        return stage.lr[group]
+    if group in policy_groups and NEW in stage.lr:
+        return stage.lr[NEW]
+    raise ValueError(f"Stage {stage.name!r}: no learning rate for {group!r}.")
+
+
+def add_lora(model, lora) -> None:
+    """LoRA adapters on the language model's linear layers, in place (the decoder keeps calling the same modules)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules))
+    inject_adapter_in_model(config, model.language_model)
+
+
+def merge_lora(model) -> None:
+    """Fold LoRA adapters into their base weights and put the plain layers back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.language_model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.language_model.get_submodule(parent_name) if parent_name else model.language_model
+            setattr(parent, child, module.get_base_layer())
+
+
+def optimizer_groups(model, stage: StageSpec) -> list[dict]:
+    """Freeze everything, then unfreeze the stage's groups; one AdamW group per (parameter group, decay or not)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    policy = list(model.decoder.parameter_groups())
+    chosen = expand_groups(model, stage.train)
+    groups = model.parameter_groups()
+    result = []
+    for group in chosen:
+        params = groups[group]
+        if group == "language_model" and stage.lora is not None:
+            params = [p for n, p in model.language_model.named_parameters() if "lora_" in n]
+        lr = group_lr(stage, group, policy)
+        for decay in (True, False):
+            selected = [p for p in params if (p.ndim >= 2) == decay]
+            for p in selected:
+                p.requires_grad_(True)
+            if selected:
+                result.append({"params": selected, "lr": lr, "weight_decay": stage.weight_decay if decay else 0.0,
+                               "name": group})
+    return result
+
+
+def sample_order(num_samples: int, needed: int, seed: int, stage: int, lengths=None, batch_size: int = 1):
+    """The first `needed` sample indices of a stage: one seeded permutation per epoch (length-grouped when lengths
+    are given)."""
+    order, epoch = [], 0
+    while len(order) < needed:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + stage * 1009 + epoch)
+        if lengths is not None:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            order += get_length_grouped_indices(lengths, batch_size, generator=generator)
+        else:
+            order += torch.randperm(num_samples, generator=generator).tolist()
+        epoch += 1
+    return order[:needed]
+
+
+def stage_steps(stage: StageSpec, num_samples: int) -> int:
+    if stage.steps is not None:
+        return stage.steps
+    return max(1, math.ceil(stage.epochs * num_samples / (stage.batch_size * stage.grad_accum)))
+
+
+def scored_tokens(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float:
+    """Backward over this process's micro-batches so that the gradients (after DDP's average over processes) are
+    those of the token-mean loss over the whole global batch; returns that loss."""
+    local = torch.stack([scored_tokens(b) for b in micro_batches]).sum()
+    total = accelerator.reduce(local.clone(), reduction="sum").clamp(min=1)
+    loss_sum = torch.zeros((), device=local.device)
+    for m, batch in enumerate(micro_batches):
+        count = scored_tokens(batch)
+        sync = accelerator.no_sync(model) if m < len(micro_batches) - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            loss = model(**batch, return_logits=False).loss
+        # The model's loss is a mean over this micro-batch's tokens: re-weight it by its share of the global
+        # tokens, times the process count that DDP's gradient average divides by.
+        accelerator.backward(loss * (count * accelerator.num_processes / total))
+        loss_sum += loss.detach().float() * count
+    return float(accelerator.reduce(loss_sum, reduction="sum") / total)
+
+
+class Trainer:
+    """Runs a recipe. `progress`: show a live display (main process only)."""
+
+    def __init__(self, recipe: Recipe, accelerator=None, progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+        self.recipe = recipe
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=recipe.mixed_precision,
+            # Batches are global and split over processes, so the schedule advances once per optimizer step.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # Stages may leave groups unused in a step (e.g. a text-only batch with proxyv); DDP must tolerate it.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.show_progress = progress and self.accelerator.is_main_process
+        self.checkpoint_root = os.path.join(recipe.output_dir, "checkpoints")
+
+    # ----- set-up -----
+    def _datasets(self, model, processor) -> tuple[list[LLaVADataset], LLaVADataset | None]:
+        recipe = self.recipe
+        cache = self._feature_cache(model, processor)
+        kwargs = dict(image_root=recipe.image_root, max_length=recipe.max_length, feature_cache=cache,
+                      feature_layers=model.config.feature_layers)
+        stages = [LLaVADataset(stage.data, processor, template=stage.template, **kwargs) for stage in recipe.stages]
+        evaluation = None
+        if recipe.eval is not None:
+            evaluation = LLaVADataset(recipe.eval.data, processor, template=recipe.stages[-1].template, **kwargs)
+        return stages, evaluation
+
+    def _feature_cache(self, model, processor):
+        """Encode every image of the recipe once (main process), then serve cached features."""
+        import copy
+
+        from leanvlm.data.features import FeatureCache, encode_images_to_cache, feature_signature
+
+        recipe = self.recipe
+        if recipe.features is None:
+            return None
+        directory = recipe.features
+        if directory == "auto":
+            directory = os.path.join(recipe.output_dir, "features")
+        # Features in the dtype the decoder computes in: bf16 autocast consumes bf16 features unchanged.
+        encoder = copy.deepcopy(model.vision_model).eval()
+        encoder.to(torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32)
+        select = model.config.vision_feature_select
+        cache = FeatureCache(directory, feature_signature(encoder, select, processor))
+        if self.accelerator.is_main_process:
+            files = [s.data for s in recipe.stages] + ([recipe.eval.data] if recipe.eval else [])
+            paths = sorted({p for f in files for p in data_image_paths(f, recipe.image_root)})
+            with self._bar("encoding images", len(paths)) as advance:
+                encode_images_to_cache(encoder, processor, model.config.feature_layers, select, paths, cache,
+                                       progress=advance)
+        self.accelerator.wait_for_everyone()
+        return FeatureCache(directory, cache.signature)  # re-read the index the main process wrote
+
+    def _bar(self, description: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        @contextmanager
+        def bar():
+            if not self.show_progress:
+                yield lambda n: None
+                return
+            with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          transient=True) as progress:
+                task = progress.add_task(description, total=total)
+                yield lambda n: progress.advance(task, n)
+
+        return bar()
+
+    # ----- checkpoints -----
+    def checkpoints(self) -> list[str]:
+        if not os.path.isdir(self.checkpoint_root):
+            return []
+        names = sorted(n for n in os.listdir(self.checkpoint_root) if n.startswith("step-"))
+        return [os.path.join(self.checkpoint_root, n) for n in names
+                if os.path.isfile(os.path.join(self.checkpoint_root, n, STATE_FILE))]
+
+    def _save_checkpoint(self, position: Position, global_step: int) -> None:
+        accelerator = self.accelerator
+        final = os.path.join(self.checkpoint_root, f"step-{global_step:07d}")
+        temporary = os.path.join(self.checkpoint_root, f".step-{global_step:07d}.tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(temporary, safe_serialization=True)
+        accelerator.wait_for_everyone()  # every rank's RNG state is in before the directory moves
+        if accelerator.is_main_process:
+            with open(os.path.join(temporary, STATE_FILE), "w") as f:
+                json.dump({"stage": position.stage, "step": position.step, "global_step": global_step}, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)  # a checkpoint directory is complete or absent
+            for old in self.checkpoints()[: -self.recipe.keep_last]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def _drop_checkpoints_after(self, start: Position | None) -> None:
+        """A fresh run starts without checkpoints; a resumed one drops those after its start, which belong to the
+        abandoned future and would otherwise be resumed from, or outlive the new ones when pruning."""
+        for path in self.checkpoints():
+            position = self.read_position(path)
+            if start is None or (position.stage, position.step) > (start.stage, start.step):
+                shutil.rmtree(path)
+
+    @staticmethod
+    def read_position(checkpoint: str) -> Position:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE}).")
+        with open(path) as f:
+            state = json.load(f)
+        return Position(state["stage"], state["step"])
+
+    # ----- the run -----
+    def run(self, resume: str | bool | None = None) -> dict:
+        """Train every stage; save the final model to `<output_dir>/model` and keep it in `self.model` (with
+        `self.processor`). `resume`: True for the latest checkpoint in output_dir, or a checkpoint directory. Returns
+        a summary (also in `<output_dir>/summary.json`)."""
+        from transformers import set_seed
+
+        recipe, accelerator = self.recipe, self.accelerator
+        checkpoint = None
+        if resume:
+            checkpoint = resume if isinstance(resume, str) else (self.checkpoints() or [None])[-1]
+            if checkpoint is None:
+                raise FileNotFoundError(f"No checkpoint to resume from in {self.checkpoint_root}.")
+        start = self.read_position(checkpoint) if checkpoint else Position()
+        for stage in recipe.stages:
+            if stage.batch_size % accelerator.num_processes:
+                raise ValueError(f"Stage {stage.name!r}: batch_size {stage.batch_size} does not split evenly over "
+                                 f"{accelerator.num_processes} processes; batch_size is the global micro-batch.")
+        set_seed(recipe.seed)
+        model, processor = build_model(recipe)
+        if recipe.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        datasets, evaluation = self._datasets(model, processor)
+        if accelerator.is_main_process:
+            os.makedirs(recipe.output_dir, exist_ok=True)
+            self._drop_checkpoints_after(start if checkpoint else None)
+            with open(os.path.join(recipe.output_dir, "recipe.json"), "w") as f:
+                json.dump(recipe_to_dict(recipe), f, indent=2)
+            self._trim_log(start, fresh=checkpoint is None)
+        summary = {"stages": [], "processes": accelerator.num_processes}
+        done_stages = zip(recipe.stages[: start.stage], datasets[: start.stage], strict=True)
+        global_step = sum(stage_steps(stage, len(dataset)) for stage, dataset in done_stages)
+        for index in range(start.stage, len(recipe.stages)):
+            resume_here = checkpoint if index == start.stage else None
+            model, stage_summary, global_step = self._run_stage(
+                index, model, processor, datasets[index], evaluation, global_step, resume_here,
+                start.step if resume_here else 0)
+            summary["stages"].append(stage_summary)
+        processor.template = recipe.stages[-1].template
+        summary["model"] = final = os.path.join(recipe.output_dir, "model")
+        if accelerator.is_main_process:
+            model.save_pretrained(final)
+            processor.save_pretrained(final)
+            with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        accelerator.wait_for_everyone()
+        self.model, self.processor = model, processor
+        return summary
+
+    def _trim_log(self, start: Position, fresh: bool) -> None:
+        """A fresh run starts an empty log; a resumed one keeps only the entries up to its checkpoint."""
+        path = os.path.join(self.recipe.output_dir, LOG_FILE)
+        kept = []
+        if not fresh and os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    entry = json.loads(line)
+                    if (entry["stage_index"], entry["step"]) <= (start.stage, start.step):
+                        kept.append(line)
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def _log(self, entry: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(os.path.join(self.recipe.output_dir, LOG_FILE), "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def _run_stage(self, index, model, processor, dataset, evaluation, global_step, checkpoint, done):
+        from transformers import get_cosine_schedule_with_warmup
+
+        recipe, accelerator = self.recipe, self.accelerator
+        stage = recipe.stages[index]
+        global_step += done
+        if stage.lora is not None:
+            add_lora(model, stage.lora)
+        groups = optimizer_groups(model, stage)
+        optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"])
+        steps = stage_steps(stage, len(dataset))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, round(stage.warmup_ratio * steps), steps)
+        prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if checkpoint is not None:
+            accelerator.load_state(checkpoint)
+        per_step = stage.batch_size * stage.grad_accum
+        lengths = dataset.lengths() if stage.group_by_length else None
+        order = sample_order(len(dataset), steps * per_step, recipe.seed, index, lengths, stage.batch_size)
+        collate = Collator(processor)
+        trainable = [p for g in groups for p in g["params"]]
+        prepared.train()
+        history, started, tokens_seen, overhead = [], time.perf_counter(), 0, 0.0
+        with self._stage_display(stage, steps, done) as display:
+            for step in range(done, steps):
+                indices = order[step * per_step : (step + 1) * per_step]
+                micro = []
+                for m in range(stage.grad_accum):
+                    chunk = indices[m * stage.batch_size : (m + 1) * stage.batch_size]
+                    with accelerator.split_between_processes(chunk) as mine:
+                        micro.append(send_to_device(collate([dataset[i] for i in mine]), accelerator.device))
+                step_loss = accumulate_gradients(prepared, micro, accelerator)
+                tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in micro)
+                accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                elapsed = time.perf_counter() - started
+                rate = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
+                lrs = {}
+                for group in optimizer.param_groups:
+                    lrs[group["name"]] = group["lr"]
+                entry = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": global_step,
+                         "loss": step_loss, "lr": lrs, "tokens_per_s": round(rate, 1), "seconds": round(elapsed, 2)}
+                history.append(step_loss)
+                last = step + 1 == steps
+                if evaluation is not None and (
+                        last or (recipe.eval.every and (step + 1) % recipe.eval.every == 0)):
+                    eval_started = time.perf_counter()
+                    entry["val_loss"] = self.validation_loss(accelerator.unwrap_model(prepared), evaluation, collate)
+                    prepared.train()
+                    overhead += time.perf_counter() - eval_started
+                if (step + 1) % recipe.log_every == 0 or last or "val_loss" in entry:
+                    self._log(entry)
+                display(entry)
+                if last or (recipe.save_every and (step + 1) % recipe.save_every == 0):
+                    save_started = time.perf_counter()
+                    self._save_checkpoint(Position(index, step + 1), global_step)
+                    overhead += time.perf_counter() - save_started
+        model = accelerator.unwrap_model(prepared)
+        if stage.lora is not None:
+            merge_lora(model)
+        accelerator.free_memory()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        seconds = time.perf_counter() - started
+        ran = steps - done
+        summary = {"name": stage.name, "steps": steps, "seconds": round(seconds, 2),
+                   # optimizer steps only: validation and checkpoint writing excluded
+                   "seconds_per_step": round((seconds - overhead) / max(ran, 1), 4),
+                   "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
+                   "trainable_parameters": sum(p.numel() for p in trainable)}
+        return model, summary, global_step
+
+    @torch.no_grad()
+    def validation_loss(self, model, dataset, collate) -> float:
+        """Token-mean loss over the first `eval.max_samples` samples, split over processes. `model` is the unwrapped
+        model: a rank with no samples left must not leave the others waiting in a DDP forward."""
+        accelerator = self.accelerator
+        batch_size = self.recipe.eval.batch_size
+        model.eval()
+        indices = list(range(min(len(dataset), self.recipe.eval.max_samples)))
+        total = torch.zeros((), device=accelerator.device)
+        count = torch.zeros((), device=accelerator.device)
+        with accelerator.split_between_processes(indices) as mine:
+            for start in range(0, len(mine), batch_size):
+                batch = send_to_device(collate([dataset[i] for i in mine[start : start + batch_size]]),
+                                       accelerator.device)
+                with accelerator.autocast():
+                    loss = model(**batch, return_logits=False).loss.float()
+                n = scored_tokens(batch)
+                total += loss * n
+                count += n
+        return float(accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1))
+
+    def _stage_display(self, stage: StageSpec, steps: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        @contextmanager
+        def display():
+            if not self.show_progress:
+                yield lambda entry: None
+                return
+            columns = (TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            with Progress(*columns) as progress:
+                task = progress.add_task(stage.name, total=steps, completed=done, status="")
+
+                def update(entry):
+                    lr = max(entry["lr"].values())
+                    status = f"loss {entry['loss']:.4f}  lr {lr:.2e}  {entry['tokens_per_s']:.0f} tok/s"
+                    if "val_loss" in entry:
+                        status += f"  val {entry['val_loss']:.4f}"
+                    progress.update(task, advance=1, status=status)
+
+                yield update
+
+        return display()
+
