@@ -10,8 +10,8 @@ from tiny import build, left_padded, pixels, prompt
 from typer.testing import CliRunner
 
 from leanvlm import LeanVLMProcessor
-from leanvlm.analysis import RedundancyStats
 from leanvlm.cli import app
+from leanvlm.measure.redundancy import RedundancyStats
 
 
 def test_statistics_equal_a_direct_computation():

@@ -8,8 +8,8 @@ import torch
 from tiny import build
 from typer.testing import CliRunner
 
-from leanvlm.bench import BenchSettings, peak_memory, run_bench, write_report
 from leanvlm.cli import app
+from leanvlm.measure.bench import BenchSettings, peak_memory, run_bench, write_report
 
 
 @pytest.fixture(scope="module")

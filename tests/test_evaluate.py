@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 from leanvlm.cli import app
 from leanvlm.data.llava import IGNORE_INDEX, LLaVADataset
-from leanvlm.evaluate import encode_prompts, evaluate, normalize, questions, score
+from leanvlm.eval.exact_match import encode_prompts, evaluate, normalize, questions, score
 
 
 def tokenizer():

@@ -8,7 +8,7 @@ from tiny import build, pixels, prompt
 from typer.testing import CliRunner
 
 from leanvlm.cli import app
-from leanvlm.flops import Convention, LLMShape, VisionShape, decode_flops, decoder_flops, measured_flops
+from leanvlm.measure.flops import Convention, LLMShape, VisionShape, decode_flops, decoder_flops, measured_flops
 
 
 # HiMix's table (reference/himix.md section 3): N = 728 SigLIP tokens, M = 64 text tokens, lm_head on all positions.

@@ -88,7 +88,7 @@ def test_generate_returns_prompt_followed_by_new_tokens(decoder):
 def test_trainer_step_returns_the_batch_loss():
     from accelerate import Accelerator
 
-    from leanvlm.train import accumulate_gradients
+    from leanvlm.train.trainer import accumulate_gradients
 
     model = build("himix").train()
     inputs = batch(model)

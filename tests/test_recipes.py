@@ -16,13 +16,14 @@ import yaml
 
 from leanvlm.config import LeanVLMConfig
 from leanvlm.data.templates import TEMPLATES
-from leanvlm.recipe import NEW, load_recipe
+from leanvlm.train.recipe import NEW, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 PAPER = sorted((RECIPES / "paper").glob("*.yaml"))
 # plus demo recipes: recipes/demo*.yaml and the ones packaged with leanvlm (`leanvlm demo` fills in their data)
-SHIPPED = PAPER + sorted(RECIPES.glob("demo*.yaml")) + sorted((ROOT / "src" / "leanvlm" / "recipes").glob("*.yaml"))
+PACKAGED = ROOT / "src" / "leanvlm" / "train" / "recipes"
+SHIPPED = PAPER + sorted(RECIPES.glob("demo*.yaml")) + sorted(PACKAGED.glob("*.yaml"))
 ACCELERATE = RECIPES / "accelerate"
 
 # The groups each decoder policy adds ("new" stands for all of them); every model also has these two.
@@ -379,7 +380,7 @@ def test_deepspeed_config_is_zero3_without_accumulation(restored_environ):
 
 
 def test_recipe_values_yaml_reads_loosely_are_normalised_or_named():
-    from leanvlm.recipe import recipe_from_dict
+    from leanvlm.train.recipe import recipe_from_dict
 
     stage = {"name": "s", "data": "d.json", "train": ["new"], "lr": {"new": "1e-3"}}
     recipe = recipe_from_dict({"stages": [stage], "mixed_precision": False})

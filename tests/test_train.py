@@ -14,8 +14,8 @@ from test_llava_data import bpe_tokenizer
 from tiny import text_config, vision_config
 
 from leanvlm.data.synthetic import synthesize
-from leanvlm.recipe import recipe_from_dict
-from leanvlm.train import Trainer
+from leanvlm.train.recipe import recipe_from_dict
+from leanvlm.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def build_state(recipe):
     """The untrained weights a run of `recipe` starts from (the trainer seeds the same way)."""
     from transformers import set_seed
 
-    from leanvlm.train import build_model
+    from leanvlm.train.trainer import build_model
 
     set_seed(recipe.seed)
     return build_model(recipe)[0].state_dict()
@@ -169,7 +169,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(parts):
     from accelerate import Accelerator
 
     from leanvlm.data.llava import Collator, LLaVADataset
-    from leanvlm.train import accumulate_gradients, build_model
+    from leanvlm.train.trainer import accumulate_gradients, build_model
 
     recipe = recipe_from_dict(recipe_dict(parts, parts / "unused"))
     model, processor = build_model(recipe)

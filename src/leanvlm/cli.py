@@ -24,7 +24,7 @@ def main(ctx: typer.Context) -> None:
 def info() -> None:
     """Print the version, the decoder policies and the supported language-model families."""
     import leanvlm
-    from leanvlm.llm import SUPPORTED_FAMILIES
+    from leanvlm.decoders.llm import SUPPORTED_FAMILIES
 
     typer.echo(f"leanvlm {leanvlm.__version__}")
     typer.echo(f"decoders: {', '.join(leanvlm.DECODERS)}")
@@ -50,7 +50,7 @@ def flops(
     from rich.console import Console
     from rich.table import Table
 
-    from leanvlm.flops import CONVENTIONS, DECODERS, decode_flops, decoder_flops
+    from leanvlm.measure.flops import CONVENTIONS, DECODERS, decode_flops, decoder_flops
 
     if convention not in CONVENTIONS:
         raise typer.BadParameter(f"choose one of {', '.join(CONVENTIONS)}", param_hint="--convention")
@@ -118,8 +118,8 @@ def bench(
     from rich.markdown import Markdown
     from rich.progress import Progress
 
-    from leanvlm.bench import BenchSettings, markdown, run_bench, write_report
-    from leanvlm.flops import LLM_PRESETS
+    from leanvlm.measure.bench import BenchSettings, markdown, run_bench, write_report
+    from leanvlm.measure.flops import LLM_PRESETS
 
     if dtype not in ("bfloat16", "float16", "float32"):
         raise typer.BadParameter("choose bfloat16, float16 or float32", param_hint="--dtype")
@@ -244,8 +244,8 @@ def train(
     processes or GPUs). Writes checkpoints, log.jsonl, summary.json and the final model to <output_dir>/model."""
     from rich.console import Console
 
-    from leanvlm.recipe import load_recipe
-    from leanvlm.train import Trainer
+    from leanvlm.train.recipe import load_recipe
+    from leanvlm.train.trainer import Trainer
 
     try:
         parsed = load_recipe(str(recipe), overrides or [])
@@ -330,14 +330,15 @@ def data_encode(
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--data") from error
     if model is not None:
-        from leanvlm import LeanVLMConfig
+        from leanvlm.config import LeanVLMConfig
 
         if not (model / "config.json").is_file():
             raise typer.BadParameter(f"{model} holds no saved model (no config.json)", param_hint="--model")
         config = LeanVLMConfig.from_pretrained(model)
         layers, select, max_crops, pinpoints = (config.feature_layers, config.vision_feature_select,
                                                 config.max_crops, config.image_grid_pinpoints)
-        from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
+        from leanvlm.modeling import LeanVLMForConditionalGeneration
+        from leanvlm.processing import LeanVLMProcessor
 
         encoder = LeanVLMForConditionalGeneration.from_pretrained(model, dtype=getattr(torch, dtype)).vision_model
         images = LeanVLMProcessor.from_pretrained(model)
@@ -386,9 +387,10 @@ def analyze_redundancy(
     from rich.progress import track
     from rich.table import Table
 
-    from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
-    from leanvlm.analysis import METRICS, RedundancyStats, save_redundancy
     from leanvlm.data.synthetic import generate, render, scene_from_dict
+    from leanvlm.measure.redundancy import METRICS, RedundancyStats, save_redundancy
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+    from leanvlm.processing import LeanVLMProcessor
 
     console = Console()
     if prompt.count("<image>") != 1:
@@ -436,7 +438,7 @@ def eval_command(
     from rich.console import Console
 
     from leanvlm.data.llava import read_records
-    from leanvlm.evaluate import evaluate, load_model, results_table
+    from leanvlm.eval.exact_match import evaluate, load_model, results_table
 
     try:
         model, processor = load_model(str(model_dir))
@@ -477,7 +479,7 @@ def chat(
 
     from leanvlm.config import IMAGE_TOKEN
     from leanvlm.data.templates import generation_prompt
-    from leanvlm.evaluate import answer, load_model
+    from leanvlm.eval.exact_match import answer, load_model
 
     if not image.is_file():
         raise typer.BadParameter(f"{image} is not a file", param_hint="--image")

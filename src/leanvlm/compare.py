@@ -54,8 +54,8 @@ def run_compare(out: str, variants: list[str], seed: int = 0, train: int = 3000,
     from leanvlm.data.llava import LLaVADataset, read_records
     from leanvlm.data.templates import generation_prompt, to_messages
     from leanvlm.demo import data_dir, demo_recipe, flops_per_sample, mean_text_tokens
-    from leanvlm.evaluate import encode_prompts, evaluate
-    from leanvlm.train import Trainer
+    from leanvlm.eval.exact_match import encode_prompts, evaluate
+    from leanvlm.train.trainer import Trainer
 
     console = console or Console()
     parsed = [parse_variant(v) for v in variants]

@@ -9,10 +9,6 @@ IMAGE_TOKEN = "<image>"
 
 VISION_FEATURE_SELECTS = ("patch", "full", "drop_first")
 
-
-def proxyv_inner_width(hidden: int, width: int | None = None) -> int:
-    """Width d' of ProxyV's guided-update MLPs: `width` if set, else d/4 for d >= 1024 and d/2 below."""
-    return width or (hidden // 4 if hidden >= 1024 else hidden // 2)
 CONNECTOR_TYPES = ("mlp2x_gelu", "linear")
 
 
@@ -103,7 +99,7 @@ class LeanVLMConfig(PreTrainedConfig):
     def validate_options(self) -> None:
         """Raise a `ValueError` naming the offending option and its valid values."""
         from leanvlm.decoders import check_decoder_name
-        from leanvlm.llm import check_supported_text_config
+        from leanvlm.decoders.llm import check_supported_text_config
 
         check_decoder_name(self.decoder)
         check_supported_text_config(self.text_config)

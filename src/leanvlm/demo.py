@@ -12,7 +12,7 @@ from importlib import resources
 
 import yaml
 
-from leanvlm.recipe import Recipe, apply_override, recipe_from_dict
+from leanvlm.train.recipe import Recipe, apply_override, recipe_from_dict
 
 DEMO_RECIPE = "demo.yaml"
 LLM_PRESET, VISION_PRESET = "smollm2-135m", "dinov2-s14-224"  # the analytic shapes of the packaged parts
@@ -39,7 +39,7 @@ def data_dir(seed: int, train: int, val: int, test: int) -> str:
 
 def demo_recipe(data: str, output_dir: str, decoder: str, overrides: list[str] = (), **model_options) -> Recipe:
     """The packaged demo recipe on `data`, writing to `output_dir`, for `decoder`, then `overrides`."""
-    text = resources.files("leanvlm").joinpath("recipes", DEMO_RECIPE).read_text()
+    text = resources.files("leanvlm.train").joinpath("recipes", DEMO_RECIPE).read_text()
     raw = yaml.safe_load(text)
     raw["output_dir"] = output_dir
     raw["model"]["decoder"] = decoder
@@ -55,7 +55,7 @@ def flops_per_sample(decoder: str, text_tokens: int, model_config=None) -> dict:
     """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens)."""
     import inspect
 
-    from leanvlm.flops import decoder_flops
+    from leanvlm.measure.flops import decoder_flops
 
     options = {}
     if model_config is not None:  # every decoder option the cost model knows (proxyv settings, probes)
@@ -88,7 +88,7 @@ def ask(model, processor, question: dict) -> str:
 
     from leanvlm.config import IMAGE_TOKEN
     from leanvlm.data.templates import generation_prompt
-    from leanvlm.evaluate import answer
+    from leanvlm.eval.exact_match import answer
 
     messages = [{"role": "system", "content": question["system"]},
                 {"role": "user", "content": f"{IMAGE_TOKEN}\n{question['question']}"}]
@@ -128,9 +128,9 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
     from rich.console import Console
 
     from leanvlm.data.llava import LLaVADataset, read_records
-    from leanvlm.evaluate import evaluate
+    from leanvlm.eval.exact_match import evaluate
     from leanvlm.hub import pretrained_part
-    from leanvlm.train import Trainer
+    from leanvlm.train.trainer import Trainer
 
     console = console or Console()
     os.makedirs(out, exist_ok=True)

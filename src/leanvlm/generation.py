@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 )
 
 from leanvlm.decoders.cache import KVCache
-from leanvlm.llm import decoder_layers
+from leanvlm.decoders.llm import decoder_layers
 
 
 def _as_list(token_ids) -> list[int]:

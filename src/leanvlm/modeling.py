@@ -31,11 +31,11 @@ from leanvlm.decoders.base import (
     positions_from_valid,
 )
 from leanvlm.decoders.cache import KVCache
+from leanvlm.decoders.llm import check_supported_text_config, decoder_layers
 from leanvlm.decoders.proxyv import ProxyInitializer
 from leanvlm.decoders.runner import run_decoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.hub import PARTS, pretrained_part
-from leanvlm.llm import check_supported_text_config, decoder_layers
 from leanvlm.processing import ensure_image_token
 from leanvlm.vision import encode_features, patch_grid
 

@@ -17,7 +17,7 @@ from leanvlm.decoders.base import (
     left_pad,
     positions_from_valid,
 )
-from leanvlm.llm import decoder_layers, kv_layout
+from leanvlm.decoders.llm import decoder_layers, kv_layout
 
 
 class VisionKV(nn.Module):

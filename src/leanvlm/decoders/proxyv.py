@@ -18,13 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from leanvlm.config import proxyv_inner_width
 from leanvlm.decoders.base import DecoderInputs, left_pad
 from leanvlm.decoders.layer import attention_update, project_qkv
+from leanvlm.decoders.llm import decoder_layers, sliding_window
 from leanvlm.decoders.vanilla import VanillaDecoder
-from leanvlm.llm import decoder_layers, sliding_window
 
 FULL, PROXY, REST = 0, 1, 2  # token kinds in the mask builder
+
+
+def proxyv_inner_width(hidden: int, width: int | None = None) -> int:
+    """Width d' of ProxyV's guided-update MLPs: `width` if set, else d/4 for d >= 1024 and d/2 below."""
+    return width or (hidden // 4 if hidden >= 1024 else hidden // 2)
 
 
 class VisionMLP(nn.Module):

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from leanvlm.decoders.base import DecoderInputs, DecoderPolicy
 from leanvlm.decoders.cache import KVCache
-from leanvlm.llm import decoder_layers, sliding_window
+from leanvlm.decoders.llm import decoder_layers, sliding_window
 
 
 class DecoderRun:

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanvlm.connector import build_connector
 from leanvlm.decoders.attention import CAUSAL, build_mask
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
@@ -18,8 +17,9 @@ from leanvlm.decoders.base import (
     left_pad,
     positions_from_valid,
 )
+from leanvlm.decoders.connector import build_connector
 from leanvlm.decoders.layer import attention_update, project_qkv
-from leanvlm.llm import decoder_layers
+from leanvlm.decoders.llm import decoder_layers
 
 
 class LightVisionMLP(nn.Module):
