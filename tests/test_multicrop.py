@@ -3,21 +3,12 @@
 import pytest
 import torch
 from PIL import Image
-from tiny import IMAGE_SIZE, build, pixels, prompt
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny import IMAGE_SIZE, build, pixels, prompt, word_tokenizer
 
 from leanvlm import KVCache, LeanVLMProcessor
 from leanvlm.crops import best_resolution, default_pinpoints, split_into_crops, usable_pinpoints
 
 N = 16  # tokens per crop in the tiny models
-
-
-def tokenizer():
-    words = ["<pad>", "<s>", "</s>", "<unk>", "what", "is", "this", "?"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="removed")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def test_grid_choice_keeps_the_most_pixels():
@@ -35,7 +26,7 @@ def test_grid_choice_keeps_the_most_pixels():
 def test_processor_reports_crops_per_image_and_the_model_places_newlines():
     model = build("vanilla", max_crops=5)
     assert model.decoder.image_newline is not None  # on by default for multi-crop
-    processor = LeanVLMProcessor.for_model(model, tokenizer())
+    processor = LeanVLMProcessor.for_model(model, word_tokenizer())
     images = [Image.new("RGB", (100, 40), "red"), Image.new("RGB", (50, 50), "blue")]
     batch = processor(text=["<image> what is this ?", "<image> what ?"], images=images)
     assert batch["image_crops"].tolist() == [4, 5]
@@ -88,7 +79,7 @@ def test_himix_reads_every_crop_as_vision_keys():
 
 def test_processor_round_trip_keeps_crop_settings(tmp_path):
     model = build("vanilla", max_crops=3, image_grid_pinpoints=[[64, 32]])
-    processor = LeanVLMProcessor.for_model(model, tokenizer())
+    processor = LeanVLMProcessor.for_model(model, word_tokenizer())
     processor.save_pretrained(tmp_path)
     again = LeanVLMProcessor.from_pretrained(tmp_path)
     assert (again.max_crops, again.image_grid_pinpoints) == (3, [[64, 32]])

@@ -1,13 +1,15 @@
-"""Tiny random configs and helpers shared by the tests (no downloads)."""
+"""Tiny random configs, tokenizers and helpers shared by the tests (no downloads)."""
 
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     Dinov2Config,
     LlamaConfig,
     MistralConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
     SiglipVisionConfig,
@@ -108,3 +110,29 @@ def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torc
         ids[i, length - len(r):] = torch.tensor(r)
         mask[i, length - len(r):] = 1
     return ids, mask
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(corpus=("What color is the square? red blue green", "How many circles? two three",
+                          "USER: ASSISTANT:\ncaption")):
+    """A small byte-level BPE tokenizer trained on `corpus`, with pad/bos/eos, chat-template special tokens and a
+    ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=90, special_tokens=[
+        "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def word_tokenizer():
+    """A word-level tokenizer for prompts like "<image> what is this ?"."""
+    words = ["<pad>", "<s>", "</s>", "<unk>", "what", "is", "this", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="removed")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_llava_data import bpe_tokenizer
-from tiny import build
+from tiny import bpe_tokenizer, build
 from typer.testing import CliRunner
 
 from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor

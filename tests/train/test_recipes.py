@@ -18,7 +18,7 @@ from leanvlm.config import LeanVLMConfig
 from leanvlm.data.templates import TEMPLATES
 from leanvlm.train.recipe import NEW, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 PAPER = sorted((RECIPES / "paper").glob("*.yaml"))
 # plus demo recipes: recipes/demo*.yaml and the ones packaged with leanvlm (`leanvlm demo` fills in their data)

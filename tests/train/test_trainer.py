@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_llava_data import bpe_tokenizer
-from tiny import text_config, vision_config
+from tiny import bpe_tokenizer, text_config, vision_config
 
 from leanvlm.data.synthetic import synthesize
 from leanvlm.train.recipe import recipe_from_dict

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_multicrop import tokenizer
-from tiny import build, left_padded, pixels, prompt
+from tiny import build, left_padded, pixels, prompt, word_tokenizer
 from typer.testing import CliRunner
 
 from leanvlm import LeanVLMProcessor
@@ -39,7 +38,7 @@ def test_statistics_equal_a_direct_computation():
 def test_cli_writes_table_json_and_plot(tmp_path):
     model = build("vanilla")
     model.save_pretrained(tmp_path / "model")
-    LeanVLMProcessor.for_model(model, tokenizer()).save_pretrained(tmp_path / "model")
+    LeanVLMProcessor.for_model(model, word_tokenizer()).save_pretrained(tmp_path / "model")
     result = CliRunner().invoke(app, ["analyze", "redundancy", str(tmp_path / "model"), "--samples", "3",
                                       "--prompt", "<image> what is this ?", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output

@@ -5,29 +5,10 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tiny import build
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from tiny import bpe_tokenizer, build
 
 from leanvlm import LeanVLMProcessor
 from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, length_grouped_sampler
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def bpe_tokenizer(corpus=("What color is the square? red blue green", "How many circles? two three",
-                          "USER: ASSISTANT:\ncaption")):
-    """A small byte-level BPE tokenizer trained on `corpus`, with pad/bos/eos, chat-template special tokens and a
-    ChatML template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=90, special_tokens=[
-        "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = CHATML
-    return tokenizer
 
 
 @pytest.fixture
