@@ -8,7 +8,8 @@ from PIL import Image
 from tiny import bpe_tokenizer, build
 
 from leanvlm import LeanVLMProcessor
-from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, length_grouped_sampler
+from leanvlm.data.llava import Collator, LLaVADataset, length_grouped_sampler
+from leanvlm.decoders.base import IGNORE_INDEX
 
 
 @pytest.fixture

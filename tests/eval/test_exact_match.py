@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 from leanvlm.cli import app
-from leanvlm.data.llava import IGNORE_INDEX, LLaVADataset
+from leanvlm.data.llava import LLaVADataset
+from leanvlm.decoders.base import IGNORE_INDEX
 from leanvlm.eval.exact_match import encode_prompts, evaluate, normalize, questions, score
 
 

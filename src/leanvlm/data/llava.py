@@ -12,8 +12,7 @@ from PIL import Image
 
 from leanvlm.config import IMAGE_TOKEN
 from leanvlm.data.templates import segments, to_messages
-
-IGNORE_INDEX = -100
+from leanvlm.decoders.base import IGNORE_INDEX
 
 
 def read_records(path: str) -> list[dict]:

@@ -14,6 +14,7 @@ from rich.table import Table
 from leanvlm.config import IMAGE_TOKEN
 from leanvlm.data.llava import record_image_paths
 from leanvlm.data.templates import generation_prompt, to_messages
+from leanvlm.decoders.base import left_pad
 from leanvlm.processing import PROCESSOR_FILE
 
 TRAILING_PUNCTUATION = ".,;:!?"
@@ -78,14 +79,8 @@ def encode_prompts(processor, prompts: list[list[str]]) -> tuple[torch.Tensor, t
     for pieces in prompts:
         ids = [t for piece in pieces for t in tokenizer(piece, add_special_tokens=False)["input_ids"]]
         rows.append([processor.image_token_id if t == processor.tokenizer_image_id else t for t in ids])
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for index, row in enumerate(rows):
-        if row:
-            input_ids[index, length - len(row):] = torch.tensor(row)
-            attention_mask[index, length - len(row):] = 1
-    return input_ids, attention_mask
+    input_ids, valid = left_pad([torch.tensor(row, dtype=torch.long) for row in rows], tokenizer.pad_token_id)
+    return input_ids, valid.long()
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import send_to_device
 
-from leanvlm.data.llava import IGNORE_INDEX, Collator, LLaVADataset, data_image_paths
+from leanvlm.data.llava import Collator, LLaVADataset, data_image_paths
+from leanvlm.decoders.base import IGNORE_INDEX
 from leanvlm.train.recipe import NEW, Recipe, StageSpec, recipe_to_dict
 
 STATE_FILE = "trainer_state.json"
