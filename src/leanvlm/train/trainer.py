@@ -17,6 +17,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import send_to_device
 
 from leanvlm.data.llava import Collator, LLaVADataset, data_image_paths
@@ -33,6 +35,19 @@ class Position:
 
     stage: int = 0
     step: int = 0
+
+
+@dataclass
+class PreparedStage:
+    """A stage ready to train: what accelerate prepared, the trainable parameters and the stage's sample order."""
+
+    spec: StageSpec
+    model: torch.nn.Module  # wrapped by accelerate (DDP over several processes)
+    optimizer: AcceleratedOptimizer
+    scheduler: AcceleratedScheduler
+    trainable: list[torch.nn.Parameter]
+    steps: int
+    order: list[int]  # sample indices: batch_size * grad_accum per optimizer step
 
 
 def build_model(recipe: Recipe):
@@ -147,6 +162,12 @@ def scored_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def step_status(entry: dict) -> str:
+    """A log entry as the progress bar's status text."""
+    status = f"loss {entry['loss']:.4f}  lr {max(entry['lr'].values()):.2e}  {entry['tokens_per_s']:.0f} tok/s"
+    return status + (f"  val {entry['val_loss']:.4f}" if "val_loss" in entry else "")
+
+
 def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float:
     """Backward over this process's micro-batches so that the gradients (after DDP's average over processes) are
     those of the token-mean loss over the whole global batch; returns that loss."""
@@ -215,26 +236,27 @@ class Trainer:
         if self.accelerator.is_main_process:
             files = [s.data for s in recipe.stages] + ([recipe.eval.data] if recipe.eval else [])
             paths = sorted({p for f in files for p in data_image_paths(f, recipe.image_root)})
-            with self._bar("encoding images", len(paths)) as advance:
+            with self._progress("encoding images", len(paths)) as advance:
                 encode_images_to_cache(encoder, processor, model.config.feature_layers, select, paths, cache,
                                        progress=advance)
         self.accelerator.wait_for_everyone()
         return FeatureCache(directory, cache.signature)  # re-read the index the main process wrote
 
-    def _bar(self, description: str, total: int):
+    @contextmanager
+    def _progress(self, label: str, total: int, completed: int = 0, status: bool = False):
+        """A live progress bar on the main process, yielding `advance(n, status="")`; a no-op when progress is off.
+        `status`: a column for the text passed to `advance` (the stage's loss and rate); without it the bar vanishes
+        when done."""
+        if not self.show_progress:
+            yield lambda n, status="": None
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        @contextmanager
-        def bar():
-            if not self.show_progress:
-                yield lambda n: None
-                return
-            with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          transient=True) as progress:
-                task = progress.add_task(description, total=total)
-                yield lambda n: progress.advance(task, n)
-
-        return bar()
+        status_column = [TextColumn("{task.fields[status]}")] if status else []
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), *status_column, TimeRemainingColumn())
+        with Progress(*columns, transient=not status) as progress:
+            task = progress.add_task(label, total=total, completed=completed, status="")
+            yield lambda n, status="": progress.update(task, advance=n, status=status)
 
     # ----- checkpoints -----
     def checkpoints(self) -> list[str]:
@@ -347,11 +369,54 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
 
     def _run_stage(self, index, model, processor, dataset, evaluation, global_step, checkpoint, done):
+        """Train stage `index` from its optimizer step `done` on; returns the unwrapped model, the stage's summary and
+        the global step reached."""
+        recipe = self.recipe
+        run = self._prepare_stage(index, model, dataset, checkpoint)
+        stage, collate = run.spec, Collator(processor)
+        global_step += done
+        history, started, tokens_seen, overhead = [], time.perf_counter(), 0, 0.0
+        with self._progress(f"[bold]{stage.name}", run.steps, completed=done, status=True) as advance:
+            for step in range(done, run.steps):
+                step_loss, tokens = self._train_step(run, step, dataset, collate)
+                history.append(step_loss)
+                tokens_seen += tokens
+                global_step += 1
+                elapsed = time.perf_counter() - started
+                rate = tokens_seen * self.accelerator.num_processes / max(elapsed, 1e-9)
+                lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
+                entry = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": global_step,
+                         "loss": step_loss, "lr": lrs, "tokens_per_s": round(rate, 1), "seconds": round(elapsed, 2)}
+                last = step + 1 == run.steps
+                if evaluation is not None and (last or (recipe.eval.every and (step + 1) % recipe.eval.every == 0)):
+                    eval_started = time.perf_counter()
+                    entry["val_loss"] = self.validation_loss(self.accelerator.unwrap_model(run.model), evaluation,
+                                                             collate)
+                    run.model.train()
+                    overhead += time.perf_counter() - eval_started
+                if (step + 1) % recipe.log_every == 0 or last or "val_loss" in entry:
+                    self._log(entry)
+                advance(1, status=step_status(entry))
+                if last or (recipe.save_every and (step + 1) % recipe.save_every == 0):
+                    save_started = time.perf_counter()
+                    self._save_checkpoint(Position(index, step + 1), global_step)
+                    overhead += time.perf_counter() - save_started
+        model = self._end_stage(run)
+        seconds = time.perf_counter() - started
+        summary = {"name": stage.name, "steps": run.steps, "seconds": round(seconds, 2),
+                   # optimizer steps only: validation and checkpoint writing excluded
+                   "seconds_per_step": round((seconds - overhead) / max(run.steps - done, 1), 4),
+                   "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
+                   "trainable_parameters": sum(p.numel() for p in run.trainable)}
+        return model, summary, global_step
+
+    def _prepare_stage(self, index: int, model, dataset, checkpoint: str | None) -> PreparedStage:
+        """The stage's LoRA adapters and trainable groups, AdamW and its schedule through accelerate, the
+        checkpoint's states when resuming, and the stage's sample order; the model is left in training mode."""
         from transformers import get_cosine_schedule_with_warmup
 
         recipe, accelerator = self.recipe, self.accelerator
         stage = recipe.stages[index]
-        global_step += done
         if stage.lora is not None:
             add_lora(model, stage.lora)
         groups = optimizer_groups(model, stage)
@@ -361,64 +426,40 @@ class Trainer:
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if checkpoint is not None:
             accelerator.load_state(checkpoint)
-        per_step = stage.batch_size * stage.grad_accum
         lengths = dataset.lengths() if stage.group_by_length else None
-        order = sample_order(len(dataset), steps * per_step, recipe.seed, index, lengths, stage.batch_size)
-        collate = Collator(processor)
-        trainable = [p for g in groups for p in g["params"]]
+        order = sample_order(len(dataset), steps * stage.batch_size * stage.grad_accum, recipe.seed, index, lengths,
+                             stage.batch_size)
         prepared.train()
-        history, started, tokens_seen, overhead = [], time.perf_counter(), 0, 0.0
-        with self._stage_display(stage, steps, done) as display:
-            for step in range(done, steps):
-                indices = order[step * per_step : (step + 1) * per_step]
-                micro = []
-                for m in range(stage.grad_accum):
-                    chunk = indices[m * stage.batch_size : (m + 1) * stage.batch_size]
-                    with accelerator.split_between_processes(chunk) as mine:
-                        micro.append(send_to_device(collate([dataset[i] for i in mine]), accelerator.device))
-                step_loss = accumulate_gradients(prepared, micro, accelerator)
-                tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in micro)
-                accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                elapsed = time.perf_counter() - started
-                rate = tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)
-                lrs = {}
-                for group in optimizer.param_groups:
-                    lrs[group["name"]] = group["lr"]
-                entry = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": global_step,
-                         "loss": step_loss, "lr": lrs, "tokens_per_s": round(rate, 1), "seconds": round(elapsed, 2)}
-                history.append(step_loss)
-                last = step + 1 == steps
-                if evaluation is not None and (
-                        last or (recipe.eval.every and (step + 1) % recipe.eval.every == 0)):
-                    eval_started = time.perf_counter()
-                    entry["val_loss"] = self.validation_loss(accelerator.unwrap_model(prepared), evaluation, collate)
-                    prepared.train()
-                    overhead += time.perf_counter() - eval_started
-                if (step + 1) % recipe.log_every == 0 or last or "val_loss" in entry:
-                    self._log(entry)
-                display(entry)
-                if last or (recipe.save_every and (step + 1) % recipe.save_every == 0):
-                    save_started = time.perf_counter()
-                    self._save_checkpoint(Position(index, step + 1), global_step)
-                    overhead += time.perf_counter() - save_started
-        model = accelerator.unwrap_model(prepared)
-        if stage.lora is not None:
+        return PreparedStage(stage, prepared, optimizer, scheduler, [p for g in groups for p in g["params"]], steps,
+                             order)
+
+    def _train_step(self, run: PreparedStage, step: int, dataset, collate) -> tuple[float, int]:
+        """Optimizer step `step`: its global batch as `grad_accum` micro-batches, each split over the processes.
+        Returns the step's loss and this process's non-padding tokens."""
+        stage, accelerator = run.spec, self.accelerator
+        per_step = stage.batch_size * stage.grad_accum
+        indices = run.order[step * per_step : (step + 1) * per_step]
+        micro = []
+        for m in range(stage.grad_accum):
+            chunk = indices[m * stage.batch_size : (m + 1) * stage.batch_size]
+            with accelerator.split_between_processes(chunk) as mine:
+                micro.append(send_to_device(collate([dataset[i] for i in mine]), accelerator.device))
+        loss = accumulate_gradients(run.model, micro, accelerator)
+        accelerator.clip_grad_norm_(run.trainable, stage.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return loss, sum(int(batch["attention_mask"].sum()) for batch in micro)
+
+    def _end_stage(self, run: PreparedStage):
+        """The plain model back from accelerate: LoRA merged, memory freed, every parameter frozen."""
+        model = self.accelerator.unwrap_model(run.model)
+        if run.spec.lora is not None:
             merge_lora(model)
-        accelerator.free_memory()
+        self.accelerator.free_memory()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        seconds = time.perf_counter() - started
-        ran = steps - done
-        summary = {"name": stage.name, "steps": steps, "seconds": round(seconds, 2),
-                   # optimizer steps only: validation and checkpoint writing excluded
-                   "seconds_per_step": round((seconds - overhead) / max(ran, 1), 4),
-                   "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
-                   "trainable_parameters": sum(p.numel() for p in trainable)}
-        return model, summary, global_step
+        return model
 
     @torch.no_grad()
     def validation_loss(self, model, dataset, collate) -> float:
@@ -440,28 +481,3 @@ class Trainer:
                 total += loss * n
                 count += n
         return float(accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1))
-
-    def _stage_display(self, stage: StageSpec, steps: int, done: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        @contextmanager
-        def display():
-            if not self.show_progress:
-                yield lambda entry: None
-                return
-            columns = (TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[status]}"), TimeRemainingColumn())
-            with Progress(*columns) as progress:
-                task = progress.add_task(stage.name, total=steps, completed=done, status="")
-
-                def update(entry):
-                    lr = max(entry["lr"].values())
-                    status = f"loss {entry['loss']:.4f}  lr {lr:.2e}  {entry['tokens_per_s']:.0f} tok/s"
-                    if "val_loss" in entry:
-                        status += f"  val {entry['val_loss']:.4f}"
-                    progress.update(task, advance=1, status=status)
-
-                yield update
-
-        return display()
-
