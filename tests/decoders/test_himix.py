@@ -1,11 +1,9 @@
 """`himix` against an explicit mixture-attention reference written from the spec (reference/himix.md §2.2-2.4)."""
 
-import math
-
 import pytest
 import torch
+from reference import attention
 from tiny import build, left_padded, pixels, prompt
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from leanvlm import ImageContext
 from leanvlm.decoders.himix import feature_layer_per_decoder_layer
@@ -26,36 +24,22 @@ def reference_logits(model, text_ids, vision_per_layer):
     llm = model.language_model
     x = llm.model.embed_tokens(torch.tensor([text_ids]))
     m = x.shape[1]
-    cos, sin = llm.model.rotary_emb(x, torch.arange(m)[None])
+    rope = llm.model.rotary_emb(x, torch.arange(m)[None])
+    causal = torch.ones(m, m, dtype=torch.bool).tril()
+    window = getattr(llm.config, "sliding_window", None)  # Mistral: text keys only, never the vision keys
+    if window is not None:
+        causal &= ~torch.ones(m, m, dtype=torch.bool).tril(-window)
     for layer, vision_kv, vision in zip(llm.model.layers, model.decoder.vision_kv, vision_per_layer, strict=True):
-        attn = layer.self_attn
-        hd = attn.head_dim
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(1, m, -1, hd)
-        k = attn.k_proj(h).view(1, m, -1, hd)
-        v = attn.v_proj(h).view(1, m, -1, hd)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
-        n = 0
+        hd = layer.self_attn.head_dim
+        prefix, n = None, 0
         if vision is not None:
             n = vision.shape[0]
             y = vision_kv.norm(vision[None])
-            kv_k = vision_kv.k_proj(y).view(1, n, -1, hd).transpose(1, 2)
-            kv_v = vision_kv.v_proj(y).view(1, n, -1, hd).transpose(1, 2)
-            k, v = torch.cat([kv_k, k], dim=2), torch.cat([kv_v, v], dim=2)
-        groups = q.shape[1] // k.shape[1]
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-        causal = torch.ones(m, m, dtype=torch.bool).tril()
-        window = getattr(llm.config, "sliding_window", None)  # Mistral: text keys only, never the vision keys
-        if window is not None:
-            causal &= ~torch.ones(m, m, dtype=torch.bool).tril(-window)
+            prefix = (vision_kv.k_proj(y).view(1, n, -1, hd).transpose(1, 2),
+                      vision_kv.v_proj(y).view(1, n, -1, hd).transpose(1, 2))
         allowed = torch.cat([torch.ones(m, n, dtype=torch.bool), causal], dim=1)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, m, -1)
-        x = x + attn.o_proj(out)
+        h = layer.input_layernorm(x)
+        x = x + attention(layer, h, h, rope, rope, allowed, prefix)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return llm.lm_head(llm.model.norm(x))[0]
 

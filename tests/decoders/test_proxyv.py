@@ -1,36 +1,16 @@
 """`proxyv` against the spec (reference/proxyv.md sections 2-4): an explicit reference, masks, equivalences."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import attention
 from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from leanvlm.decoders.proxyv import FULL, PROXY, REST, ProxyInitializer, build_proxy_mask, spatial_proxies
 
 OPTIONS = dict(proxyv_reduce_factor=2)  # 4x4 patch grid -> 2x2 proxies per crop
-
-
-def attention(layer, q_in, kv_in, q_pos, kv_pos, allowed):
-    """Explicit attention of q_in over kv_in (both already normed), RoPE at the given positions, o_proj."""
-    attn, hd = layer.self_attn, layer.self_attn.head_dim
-    cos_q, sin_q = q_pos
-    cos_k, sin_k = kv_pos
-    q = attn.q_proj(q_in).view(1, q_in.shape[1], -1, hd)
-    k = attn.k_proj(kv_in).view(1, kv_in.shape[1], -1, hd)
-    if hasattr(attn, "q_norm"):  # Qwen3
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    v = attn.v_proj(kv_in).view(1, kv_in.shape[1], -1, hd).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
-    k, _ = apply_rotary_pos_emb(k, k, cos_k, sin_k)
-    k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
-    scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allowed, float("-inf"))
-    return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
 
 
 @torch.no_grad()
