@@ -147,51 +147,28 @@ class ProxyVDecoder(VanillaDecoder):
         return run.finish()
 
     # ------------------------------------------------------------------ layers >= s
+    # Shapes: B samples, T sequence slots, K crops (of the sample with most), N tokens and n proxies per crop,
+    # F = K * N full vision rows, P = K * n proxy rows, X rest rows (text and newlines), d width, d' MLP width.
     def _proxy_layers(self, run) -> None:
-        inputs, hidden = run.inputs, run.hidden
-        batch = hidden.shape[0]
-        vision_index, vision_valid, rest_index, rest_valid, per_crop = self._blocks(inputs)
-        num_crops = vision_index.shape[1] // per_crop
-        full = _gather(hidden, vision_index)
-        crops = full.view(batch * num_crops, per_crop, -1)
-        if self.proxy_init is not None:
-            if per_crop != self.learned_tokens_per_crop:
-                raise ValueError(
-                    f"The learned proxies were built for {self.learned_tokens_per_crop} tokens per crop (the "
-                    f"encoder's image_size / patch_size squared) but the crops have {per_crop}; feed images at the "
-                    "encoder's configured size."
-                )
-            proxies, assignment = self.proxy_init(crops)
-            cover = None
-        else:
-            grid = self._checked_grid(inputs)
-            proxies, assignment = spatial_proxies(crops, grid, self.factor), None
-            cover = covering_proxy(grid, self.factor, num_crops, hidden.device)
-        per_crop_proxies = proxies.shape[1]
-        proxies = proxies.reshape(batch, num_crops * per_crop_proxies, -1)
-        crop_valid = vision_valid.view(batch, num_crops, per_crop)[:, :, 0]
-        proxy_valid = crop_valid.repeat_interleave(per_crop_proxies, dim=1)
-        rest = _gather(hidden, rest_index)
-
-        positions = inputs.position_ids
-        full_pos, rest_pos = _gather(positions, vision_index), _gather(positions, rest_index)
-        proxy_pos = self._proxy_positions(inputs, full_pos, per_crop, per_crop_proxies, num_crops)
-        key_pos = torch.cat([full_pos, proxy_pos, rest_pos], dim=1)
-        key_valid = torch.cat([vision_valid, proxy_valid, rest_valid], dim=1)
-        kinds = torch.cat([
-            torch.full_like(full_pos, FULL), torch.full_like(proxy_pos, PROXY), torch.full_like(rest_pos, REST)
-        ], dim=1)
-        num_full = full.shape[1]
-        cos, sin = run.language_model.model.rotary_emb(hidden, key_pos)
+        """Layers s.. over the blocks [F | P | X]; `run.hidden` ends in sequence order again."""
+        inputs, hidden = run.inputs, run.hidden  # hidden (B, T, d)
+        vision_index, vision_valid, rest_index, rest_valid, per_crop = self._blocks(inputs)  # (B, F), (B, X)
+        full, rest = _gather(hidden, vision_index), _gather(hidden, rest_index)  # (B, F, d), (B, X, d)
+        proxies, assignment, cover = self._proxies(inputs, full, per_crop)  # (B, P, d)
+        key_pos, key_kind, key_valid = self._key_layout(
+            inputs, vision_index, vision_valid, rest_index, rest_valid, per_crop, proxies.shape[1]
+        )  # each (B, F + P + X)
+        cos, sin = run.language_model.model.rotary_emb(hidden, key_pos)  # (B, F + P + X, head_dim)
         main_order = self._main_order(inputs, vision_index, vision_valid, rest_index, rest_valid, proxies.shape[1])
         layer_step = functools.partial(self._layer, run=run, cos=cos, sin=sin, main_order=main_order,
                                        assignment=assignment, cover=cover)
-        masks = {}
+        num_full = full.shape[1]
+        masks = {}  # one per sliding window in use
         for layer_idx in range(self.start_layer, len(run.layers)):
             window = sliding_window(run.language_model, layer_idx)
-            if window not in masks:
+            if window not in masks:  # (B, 1, P + X, F + P + X): queries are the rows after F
                 masks[window] = build_proxy_mask(
-                    key_pos[:, num_full:], kinds[:, num_full:], key_pos, kinds, key_valid, window
+                    key_pos[:, num_full:], key_kind[:, num_full:], key_pos, key_kind, key_valid, window
                 )
             args = (layer_idx, full, proxies, rest, masks[window])
             if run.checkpointing:
@@ -200,17 +177,55 @@ class ProxyVDecoder(VanillaDecoder):
                 full, proxies, rest = layer_step(*args)
             if run.states is not None:
                 run.states.append(_gather(torch.cat([full, proxies, rest], dim=1), main_order))
-        run.hidden = _gather(torch.cat([full, proxies, rest], dim=1), main_order)
+        run.hidden = _gather(torch.cat([full, proxies, rest], dim=1), main_order)  # (B, T, d)
+
+    def _proxies(self, inputs: DecoderInputs, full: torch.Tensor, per_crop: int):
+        """full (B, F, d) -> proxies (B, P, d) and how they guide the full tokens: learned proxies give `assignment`
+        (B * K, N, n), spatial ones `cover` (F,), the proxy row covering each full row."""
+        batch = full.shape[0]
+        crops = full.view(-1, per_crop, full.shape[-1])  # (B * K, N, d)
+        if self.proxy_init is not None:
+            if per_crop != self.learned_tokens_per_crop:
+                raise ValueError(
+                    f"The learned proxies were built for {self.learned_tokens_per_crop} tokens per crop (the "
+                    f"encoder's image_size / patch_size squared) but the crops have {per_crop}; feed images at the "
+                    "encoder's configured size."
+                )
+            proxies, assignment = self.proxy_init(crops)  # (B * K, n, d), (B * K, N, n)
+            cover = None
+        else:
+            grid = self._checked_grid(inputs)
+            proxies, assignment = spatial_proxies(crops, grid, self.factor), None  # (B * K, n, d)
+            cover = covering_proxy(grid, self.factor, crops.shape[0] // batch, full.device)
+        return proxies.reshape(batch, -1, proxies.shape[-1]), assignment, cover
+
+    def _key_layout(self, inputs, vision_index, vision_valid, rest_index, rest_valid, per_crop: int,
+                    num_proxies: int):
+        """Logical position, kind (FULL, PROXY, REST) and validity of every row of [F | P | X], each (B, F + P + X)."""
+        batch, num_crops = vision_index.shape[0], vision_index.shape[1] // per_crop
+        positions = inputs.position_ids  # (B, T)
+        full_pos, rest_pos = _gather(positions, vision_index), _gather(positions, rest_index)  # (B, F), (B, X)
+        proxy_pos = self._proxy_positions(inputs, full_pos, per_crop, num_proxies // num_crops, num_crops)  # (B, P)
+        crop_valid = vision_valid.view(batch, num_crops, per_crop)[:, :, 0]  # (B, K): a crop is valid or padding
+        proxy_valid = crop_valid.repeat_interleave(num_proxies // num_crops, dim=1)  # (B, P)
+        key_pos = torch.cat([full_pos, proxy_pos, rest_pos], dim=1)
+        key_kind = torch.cat([
+            torch.full_like(full_pos, FULL), torch.full_like(proxy_pos, PROXY), torch.full_like(rest_pos, REST)
+        ], dim=1)
+        key_valid = torch.cat([vision_valid, proxy_valid, rest_valid], dim=1)
+        return key_pos, key_kind, key_valid
 
     def _layer(self, layer_idx, full, proxies, rest, mask, run, cos, sin, main_order, assignment, cover):
+        """One layer >= s: full (B, F, d), proxies (B, P, d), rest (B, X, d) -> the three updated."""
         layer = run.layers[layer_idx]
         num_full = full.shape[1]
-        tokens = torch.cat([full, proxies, rest], dim=1)
+        tokens = torch.cat([full, proxies, rest], dim=1)  # (B, F + P + X, d)
+        # query (B, H, P + X, head_dim); key, value (B, H_kv, F + P + X, head_dim)
         query, key, value = project_qkv(layer, layer.input_layernorm(tokens), cos, sin, query_from=num_full)
         if run.cache is not None:  # cache [full; newline; text] in sequence order; proxies are prefill-only
-            index = main_order[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+            index = main_order[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])  # (B, H_kv, T, head_dim)
             run.cache.update(layer_idx, key.gather(2, index), value.gather(2, index))
-        working = tokens[:, num_full:]
+        working = tokens[:, num_full:]  # (B, P + X, d): the rows that query and go through the FFN
         working = working + attention_update(layer, query, key, value, mask)
         working = working + layer.mlp(layer.post_attention_layernorm(working))
         new_proxies, new_rest = working.split([proxies.shape[1], rest.shape[1]], dim=1)
@@ -218,13 +233,14 @@ class ProxyVDecoder(VanillaDecoder):
         vision_mlp = self.vision_mlps[layer_idx - self.start_layer]
         guide = vision_mlp.proxy_proj(new_proxies)  # (B, P, d')
         if assignment is None:
-            guide = guide[:, cover]
+            guide = guide[:, cover]  # (B, F, d'): each full row gets its covering proxy's guide
         else:
             crops = assignment.shape[0] // full.shape[0]
+            # (B * K, N, n) @ (B * K, n, d') -> (B * K, N, d') -> (B, F, d')
             guide = (assignment @ guide.view(assignment.shape[0], -1, guide.shape[-1])).view(
                 full.shape[0], crops * assignment.shape[1], -1
             )
-        return vision_mlp(full, guide), new_proxies, new_rest
+        return vision_mlp(full, guide), new_proxies, new_rest  # (B, F, d), (B, P, d), (B, X, d)
 
     # ------------------------------------------------------------------ bookkeeping (prefill only)
     def _checked_grid(self, inputs: DecoderInputs) -> tuple[int, int]:
@@ -240,17 +256,18 @@ class ProxyVDecoder(VanillaDecoder):
     @staticmethod
     def _blocks(inputs: DecoderInputs):
         """Indices (into the sequence) of each sample's full vision tokens, padded at the end to whole crops of the
-        batch's largest crop count, and of its other valid tokens, left-padded; and the tokens per crop."""
+        batch's largest crop count, and of its other valid tokens, left-padded; and the tokens per crop. Returns
+        vision_index, vision_valid (B, F) and rest_index, rest_valid (B, X), then N."""
         per_crop = None
         vision_rows, rest_rows = [], []
         for b in range(inputs.vision.shape[0]):
-            vision_rows.append(inputs.vision[b].nonzero().flatten())
-            rest_rows.append((inputs.valid[b] & ~inputs.vision[b]).nonzero().flatten())
+            vision_rows.append(inputs.vision[b].nonzero().flatten())  # (F_b,)
+            rest_rows.append((inputs.valid[b] & ~inputs.vision[b]).nonzero().flatten())  # (X_b,)
             crops = sum(inputs.image_crops[b])
             if crops:
                 per_crop = len(vision_rows[-1]) // crops
         longest = max(len(row) for row in vision_rows)
-        vision_index = torch.zeros(len(vision_rows), longest, dtype=torch.long, device=inputs.valid.device)
+        vision_index = torch.zeros(len(vision_rows), longest, dtype=torch.long, device=inputs.valid.device)  # (B, F)
         vision_valid = torch.zeros_like(vision_index, dtype=torch.bool)
         for b, row in enumerate(vision_rows):
             vision_index[b, : len(row)] = row
@@ -274,13 +291,13 @@ class ProxyVDecoder(VanillaDecoder):
 
     @staticmethod
     def _main_order(inputs, vision_index, vision_valid, rest_index, rest_valid, num_proxies) -> torch.Tensor:
-        """For each sequence slot, its row in [F | P | X] (padding slots point at row 0; they are masked)."""
-        order = torch.zeros_like(inputs.position_ids)
-        samples = torch.arange(order.shape[0], device=order.device)[:, None]
-        full_rows = torch.arange(vision_index.shape[1], device=order.device).expand_as(vision_index)
+        """For each sequence slot, its row in [F | P | X] (padding slots point at row 0; they are masked): (B, T)."""
+        order = torch.zeros_like(inputs.position_ids)  # (B, T)
+        samples = torch.arange(order.shape[0], device=order.device)[:, None]  # (B, 1)
+        full_rows = torch.arange(vision_index.shape[1], device=order.device).expand_as(vision_index)  # (B, F): 0..F-1
         order[samples.expand_as(vision_index)[vision_valid], vision_index[vision_valid]] = full_rows[vision_valid]
-        offset = vision_index.shape[1] + num_proxies
-        rest_rows = offset + torch.arange(rest_index.shape[1], device=order.device).expand_as(rest_index)
+        offset = vision_index.shape[1] + num_proxies  # X rows start after F and P
+        rest_rows = offset + torch.arange(rest_index.shape[1], device=order.device).expand_as(rest_index)  # (B, X)
         order[samples.expand_as(rest_index)[rest_valid], rest_index[rest_valid]] = rest_rows[rest_valid]
         return order
 
