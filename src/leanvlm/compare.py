@@ -3,12 +3,14 @@ against analytic FLOPs and measured prefill time, as a table, JSON and a plot.""
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 
 import yaml
+
+from leanvlm.reports import figure
+from leanvlm.reports import write_report as write_files
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -120,30 +122,31 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: str) -> list[str]:
-    import matplotlib
+    """compare.json, compare.md and compare.png in `out`."""
+    return write_files(report, out, "compare", markdown=markdown(report), plot=plot)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, name) for name in ("compare.json", "compare.md", "compare.png")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
-    results = report["results"]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot(report: dict):
+    """Accuracy against analytic FLOPs and against measured prefill time, one point per variant."""
+    canvas, axes = figure(2, (10, 4))
     for axis, key, label in ((axes[0], "decoder_gflops", "decoder prefill GFLOPs per sample (analytic)"),
                              (axes[1], "prefill_ms", "measured prefill ms (batch 1, encoded image)")):
-        for name, r in results.items():
+        for name, r in report["results"].items():
             if key in r:
                 axis.scatter(r[key], 100 * r["accuracy"])
                 axis.annotate(name, (r[key], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4))
         axis.set_xlabel(label)
         axis.set_ylabel("ShapesVQA test accuracy (%)")
         axis.grid(alpha=0.3)
-    figure.suptitle("Accuracy against cost, same data, steps and seed")
-    figure.tight_layout()
-    figure.savefig(paths[2], dpi=120)
-    plt.close(figure)
-    return paths
+    canvas.suptitle("Accuracy against cost, same data, steps and seed")
+    canvas.tight_layout()
+    return canvas
+
+
+def render(report: dict, console, out: str) -> None:
+    """The comparison table and the files `run_compare` wrote to `out`."""
+    from rich.markdown import Markdown
+
+    console.print(Markdown(markdown(report)))
+    json_path, md_path, png_path = (os.path.join(out, f"compare.{ext}") for ext in ("json", "md", "png"))
+    console.print(f"wrote {json_path}, {md_path} and {png_path}")

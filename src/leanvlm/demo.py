@@ -12,6 +12,7 @@ from importlib import resources
 
 import yaml
 
+from leanvlm.reports import write_json
 from leanvlm.train.recipe import Recipe, apply_override, recipe_from_dict
 
 DEMO_RECIPE = "demo.yaml"
@@ -53,15 +54,12 @@ def demo_recipe(data: str, output_dir: str, decoder: str, overrides: list[str] =
 
 def flops_per_sample(decoder: str, text_tokens: int, model_config=None) -> dict:
     """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens)."""
-    import inspect
-
+    from leanvlm.decoders import all_option_names
     from leanvlm.measure.flops import decoder_flops
 
     options = {}
-    if model_config is not None:  # every decoder option the cost model knows (proxyv settings, probes)
-        known = inspect.signature(decoder_flops).parameters
-        options = {name: getattr(model_config, name) for name in known
-                   if hasattr(model_config, name) and name not in ("decoder", "vision_tokens", "crops")}
+    if model_config is not None:  # the model's decoder options (proxyv settings, probes)
+        options = {name: getattr(model_config, name) for name in all_option_names()}
     return decoder_flops(LLM_PRESET, VISION_PRESET, text_tokens, decoder, **options)
 
 
@@ -122,8 +120,6 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
              overrides: list[str] = (), console=None) -> dict:
     """Data -> parts -> two-stage training -> test accuracy per family -> FLOPs against vanilla -> a new question.
     Writes <out>/demo.json and the model to <out>/run/model; returns the report."""
-    import json
-
     import torch
     from rich.console import Console
 
@@ -167,6 +163,35 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
         "new_question": question,
         "seconds": {**timer.phases, "total": timer.total()},
     }
-    with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(out, "demo.json"), report)
     return report
+
+
+def render(report: dict, console, report_path: str) -> None:
+    """Test accuracy per family, decoder FLOPs against vanilla, the new question and the time per phase."""
+    from rich.table import Table
+
+    test = report["test"]
+    table = Table(title=f"ShapesVQA test accuracy ({report['decoder']}, {test['samples']} questions)")
+    table.add_column("family")
+    table.add_column("accuracy", justify="right")
+    table.add_column("questions", justify="right")
+    for family, result in test["families"].items():
+        table.add_row(family, f"{result['accuracy']:.1%}", str(result["samples"]))
+    table.add_row("[bold]overall", f"[bold]{test['accuracy']:.1%}", str(test["samples"]))
+    console.print(table)
+    flops = report["decoder_gflops_per_sample"]
+    table = Table(title=f"Decoder prefill per sample ({report['vision_tokens_per_sample']} vision + "
+                        f"{report['text_tokens_per_sample']} text tokens, analytic)")
+    table.add_column("decoder")
+    table.add_column("GFLOPs", justify="right")
+    table.add_column("vs vanilla", justify="right")
+    for name, value in flops.items():
+        table.add_row(name, f"{value:.2f}", f"{value / flops['vanilla']:.1%}")
+    console.print(table)
+    question = report["new_question"]
+    console.print(f"new image: {question['image']}\nquestion:  {question['question']}\n"
+                  f"answer:    {question['prediction']}   (true: {question['answer']})")
+    seconds = report["seconds"]
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    console.print(f"model saved to {report['model']}; report {report_path}")

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from leanvlm.data.llava import data_image_paths
+from leanvlm.reports import write_json
 from leanvlm.vision import encode_features
 
 INDEX = "index.json"
@@ -121,3 +123,66 @@ def encode_images_to_cache(vision_model, images, layers: list[int], select: str,
     if pending:
         cache.add_shard(pending)
     return len(todo)
+
+
+def _model_encoder(model_dir: str, dtype: torch.dtype) -> tuple:
+    """A saved leanvlm model's encoder, its processor, and the feature settings of its config."""
+    from leanvlm.config import LeanVLMConfig
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+    from leanvlm.processing import LeanVLMProcessor
+
+    config = LeanVLMConfig.from_pretrained(model_dir)
+    encoder = LeanVLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).vision_model
+    settings = {"layers": config.feature_layers, "select": config.vision_feature_select,
+                "max_crops": config.max_crops, "image_grid_pinpoints": config.image_grid_pinpoints}
+    return encoder, LeanVLMProcessor.from_pretrained(model_dir), settings
+
+
+def _vision_encoder(vision: str, dtype: torch.dtype, layers: list[int], select: str, max_crops: int) -> tuple:
+    """A packaged or Hugging Face encoder, a preprocessor for its images, and the feature settings given."""
+    from leanvlm.modeling import load_vision_model
+    from leanvlm.processing import ImagePreprocessor, encoder_image_processor
+
+    encoder = load_vision_model(vision, dtype)
+    images = ImagePreprocessor(encoder_image_processor(encoder), max_crops, None)
+    settings = {"layers": sorted(set(layers)), "select": select, "max_crops": max_crops, "image_grid_pinpoints": None}
+    return encoder, images, settings
+
+
+def encode_data(data_files: list[str], out: str, *, vision: str | None = None, model: str | None = None,
+                layers: list[int] = (-2,), select: str = "patch", max_crops: int = 1, dtype: str = "bfloat16",
+                image_root: str | None = None, batch_size: int = 16, progress=None) -> dict:
+    """Encode every image the LLaVA-format `data_files` refer to into the feature cache in `out`, with exactly one
+    of: a saved leanvlm `model` (its encoder, feature layers, token selection and crops), or a `vision` encoder (a
+    packaged part or a Hugging Face directory) with `layers`, `select` and `max_crops`. Images already cached are
+    skipped. Writes `out`/features.json and returns it. `progress(images, total)` says how many more are done."""
+    import time
+
+    paths = sorted({p for f in data_files for p in data_image_paths(f, image_root)})  # checked before any loading
+    torch_dtype = getattr(torch, dtype)
+    if model is not None:
+        encoder, images, settings = _model_encoder(model, torch_dtype)
+    else:
+        encoder, images, settings = _vision_encoder(vision, torch_dtype, list(layers), select, max_crops)
+    encoder = encoder.to(torch_dtype).eval()
+    signature = feature_signature(encoder, settings["select"], images)
+    cache = FeatureCache(out, signature)
+    started = time.perf_counter()
+
+    def advance(done: int) -> None:
+        if progress is not None:
+            progress(done, len(paths))
+
+    advance(sum(all(cache.key(p, k) in cache for k in settings["layers"]) for p in paths))  # cached already
+    encoded = encode_images_to_cache(encoder, images, settings["layers"], settings["select"], paths, cache,
+                                     batch_size, progress=advance)
+    report = {"signature": signature, "encoder": encoder.name_or_path, **settings, "dtype": dtype,
+              "images": len(paths), "encoded_now": encoded, "seconds": round(time.perf_counter() - started, 2)}
+    write_json(os.path.join(out, "features.json"), report)
+    return report
+
+
+def render_encoding(report: dict, console, out: str) -> None:
+    """How many images were encoded now, how many were cached already, and where."""
+    console.print(f"{report['encoded_now']} image(s) encoded, {report['images'] - report['encoded_now']} already "
+                  f"cached, in {report['seconds']:.1f} s; wrote {out} (signature {report['signature']})")

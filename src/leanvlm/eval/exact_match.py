@@ -168,3 +168,22 @@ def load_model(model_dir: str):
     processor = LeanVLMProcessor.from_pretrained(model_dir)
     model = LeanVLMForConditionalGeneration.from_pretrained(model_dir).eval()
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
+
+
+def run(model_dir: str, data: str, image_root: str | None = None, batch_size: int = 16, max_new_tokens: int = 16,
+        max_samples: int | None = None, console=None) -> dict:
+    """Exact match of a saved model on the first `max_samples` records of a LLaVA-format file (all by default);
+    relative image paths start from `image_root`, default the file's directory."""
+    from leanvlm.data.llava import read_records
+
+    model, processor = load_model(model_dir)
+    records = read_records(data)[:max_samples]
+    root = image_root or os.path.dirname(os.path.realpath(data))
+    result = evaluate(model, processor, records, root, batch_size, max_new_tokens, source=data, console=console)
+    return {"model": model_dir, "data": data, **result}
+
+
+def render(result: dict, console, out: str) -> None:
+    """The results table and where the full results went."""
+    console.print(results_table(result, title=f"Exact match: {result['model']} on {result['data']}"))
+    console.print(f"wrote {out}")

@@ -26,6 +26,8 @@ from functools import partial
 import torch
 
 from leanvlm.measure.flops import VISION_CONFIGS, Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
+from leanvlm.reports import figure
+from leanvlm.reports import write_report as write_files
 
 
 @dataclass
@@ -82,8 +84,24 @@ def peak_memory(fn, device: torch.device) -> tuple[int, str]:
     return peak, "peak of torch's CPU allocations above the level before (torch.profiler memory records)"
 
 
+def llm_family(llm: str) -> str:
+    """The transformers model type a random-weight `llm` is built as: a config.json's own `model_type`; for a
+    preset, Qwen2 for the qwen2 ones and Llama for the rest (all of them have that layer layout)."""
+    from leanvlm.decoders.llm import SUPPORTED_FAMILIES
+
+    if not os.path.isfile(llm):
+        return "qwen2" if llm.startswith("qwen2") else "llama"
+    with open(llm) as f:
+        family = json.load(f).get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"{llm}: model_type {family!r} is not a family leanvlm can build; the config.json needs "
+                         f"one of {', '.join(SUPPORTED_FAMILIES)}.")
+    return family
+
+
 def build_parts(settings: BenchSettings):
-    """(LLM, vision encoder, <image> id): from a saved model, or random weights from the presets."""
+    """(LLM, vision encoder, <image> id): from a saved model, or random weights from the presets (or the LLM's
+    config.json)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from leanvlm.modeling import LeanVLMForConditionalGeneration
@@ -93,11 +111,11 @@ def build_parts(settings: BenchSettings):
         model = LeanVLMForConditionalGeneration.from_pretrained(settings.model, dtype=dtype)
         return model.language_model, model.vision_model, model.config.image_token_id
     shape = resolve_llm(settings.llm)
-    family = "qwen2" if settings.llm.startswith("qwen2") else "llama"
     text_config = AutoConfig.for_model(
-        family, hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate_size=shape.ffn,
-        vocab_size=shape.vocab + 1, max_position_embeddings=32768, tie_word_embeddings=False,
+        llm_family(settings.llm), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+        intermediate_size=shape.ffn, vocab_size=shape.vocab + 1, max_position_embeddings=32768,
+        tie_word_embeddings=False,
     )
     if settings.vision not in VISION_CONFIGS:
         raise ValueError(f"Unknown vision preset {settings.vision!r}; choose one of {', '.join(VISION_CONFIGS)}.")
@@ -145,89 +163,124 @@ def _timed(fn, device: torch.device):
     return time.perf_counter() - start, result
 
 
-def run_bench(settings: BenchSettings, progress=None) -> dict:
-    """Measure every decoder; `progress(description)` is called before each measurement."""
-    from leanvlm.decoders.base import ImageContext
-    from leanvlm.decoders.cache import KVCache
-    from leanvlm.vision import encode_features
+class Workload:
+    """A model per decoder (sharing one LLM and one encoder) and the one batch every measurement runs on."""
 
-    device = torch.device(settings.device)
-    torch.manual_seed(0)
-    models = build_models(settings)
-    first = next(iter(models.values()))
-    size = first.config.vision_config.image_size
-    pixels = torch.randn(settings.batch * settings.crops, 3, size, size, device=device)
-    crops = [settings.crops] * settings.batch
-    image_id = first.config.image_token_id
-    text = torch.randint(3, min(1000, image_id), (settings.batch, settings.text_tokens), device=device)
-    ids = torch.cat([torch.full((settings.batch, 1), image_id, device=device), text], dim=1)
-    with torch.no_grad():
-        contexts = {name: model.encode_images(pixels, crops) for name, model in models.items()}
-        features = encode_features(first.vision_model, pixels, first.config.feature_layers,
-                                   first.config.vision_feature_select)
+    def __init__(self, settings: BenchSettings):
+        from leanvlm.vision import encode_features
 
-    def prefill(name, cache):
-        return models[name](ids, image_context=contexts[name], cache=cache, logits_to_keep=1)
+        self.device = torch.device(settings.device)
+        self.decode_steps = settings.decode_steps
+        torch.manual_seed(0)
+        self.models = build_models(settings)
+        first = next(iter(self.models.values()))
+        size = first.config.vision_config.image_size
+        self.pixels = torch.randn(settings.batch * settings.crops, 3, size, size, device=self.device)
+        self.crops = [settings.crops] * settings.batch
+        image_id = first.config.image_token_id
+        text = torch.randint(3, min(1000, image_id), (settings.batch, settings.text_tokens), device=self.device)
+        self.ids = torch.cat([torch.full((settings.batch, 1), image_id, device=self.device), text], dim=1)
+        with torch.no_grad():
+            self.contexts = {name: model.encode_images(self.pixels, self.crops)
+                             for name, model in self.models.items()}
+            self.features = encode_features(first.vision_model, self.pixels, first.config.feature_layers,
+                                            first.config.vision_feature_select)
 
-    def new_cache(name):
-        return KVCache(len(models[name].language_model.model.layers), reserve=settings.decode_steps)
+    def rotated(self, repeat: int) -> list[str]:
+        """The decoders, starting one further each repeat, so that no decoder always runs right after another."""
+        names = list(self.models)
+        return names[repeat % len(names):] + names[: repeat % len(names)]
 
-    def train_step(name):  # from cached encoder features: projection + decoder forward + backward
-        model = models[name]
+    def prefill(self, name: str, cache):
+        return self.models[name](self.ids, image_context=self.contexts[name], cache=cache, logits_to_keep=1)
+
+    def new_cache(self, name: str):
+        from leanvlm.decoders.cache import KVCache
+
+        return KVCache(len(self.models[name].language_model.model.layers), reserve=self.decode_steps)
+
+    def train_step(self, name: str) -> None:
+        """From cached encoder features: projection + decoder forward + backward."""
+        from leanvlm.decoders.base import ImageContext
+
+        model = self.models[name]
         model.train()
-        tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in features.items()})
-        context = ImageContext(name, tokens, crops, contexts[name].grid)
-        model(ids, image_context=context, labels=ids, return_logits=False).loss.backward()
+        tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in self.features.items()})
+        context = ImageContext(name, tokens, self.crops, self.contexts[name].grid)
+        model(self.ids, image_context=context, labels=self.ids, return_logits=False).loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
-    samples: dict[str, dict[str, list[float]]] = {name: {} for name in models}
-    extra: dict[str, dict] = {name: {} for name in models}
 
-    def record(name, key, seconds):
-        samples[name].setdefault(key, []).append(1e3 * seconds)
-
-    names = list(models)
-    # Inference first, then training, each rotating the decoder order every repeat so that no decoder always runs
-    # right after a particular other one.
-    for repeat in range(settings.warmup + settings.repeats):
-        keep = repeat >= settings.warmup
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            model = models[name]
+def measure_inference(work: Workload, repeats: int, warmup: int, progress=None) -> tuple[dict, dict]:
+    """Encode, prefill, TTFT and decode times in ms per decoder and repeat (warm-up dropped), and each decoder's
+    KV-cache bytes after prefill."""
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in work.models}
+    cache_bytes = {}
+    for repeat in range(warmup + repeats):
+        keep = repeat >= warmup
+        for name in work.rotated(repeat):
+            model = work.models[name]
             if progress is not None:
-                progress(f"{name}: {f'repeat {repeat - settings.warmup + 1}' if keep else 'warm-up'}")
+                progress(f"{name}: {f'repeat {repeat - warmup + 1}' if keep else 'warm-up'}")
             with torch.no_grad():
-                encode_s, _ = _timed(partial(model.encode_images, pixels, crops), device)
-                cache = new_cache(name)
-                prefill_s, out = _timed(partial(prefill, name, cache), device)
-                extra[name]["kv_cache_bytes"] = cache.nbytes()
+                encode_s, _ = _timed(partial(model.encode_images, work.pixels, work.crops), work.device)
+                cache = work.new_cache(name)
+                prefill_s, out = _timed(partial(work.prefill, name, cache), work.device)
+                cache_bytes[name] = cache.nbytes()
                 token = out.logits[:, -1].argmax(-1)
-                decode_s, _ = _timed(partial(_greedy_steps, model, token, cache, settings.decode_steps), device)
+                decode_s, _ = _timed(partial(_greedy_steps, model, token, cache, work.decode_steps), work.device)
             if keep:
-                record(name, "encode_ms", encode_s)
-                record(name, "prefill_ms", prefill_s)
-                record(name, "ttft_from_pixels_ms", encode_s + prefill_s)
-                record(name, "decode_ms_per_token", decode_s / settings.decode_steps)
-    for repeat in range(settings.warmup + settings.repeats if settings.train else 0):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+                for key, seconds in (("encode_ms", encode_s), ("prefill_ms", prefill_s),
+                                     ("ttft_from_pixels_ms", encode_s + prefill_s),
+                                     ("decode_ms_per_token", decode_s / work.decode_steps)):
+                    times[name].setdefault(key, []).append(1e3 * seconds)
+    return times, cache_bytes
+
+
+def measure_training(work: Workload, repeats: int, warmup: int, progress=None) -> dict[str, list[float]]:
+    """Training-step times in ms per decoder and repeat (warm-up dropped)."""
+    times: dict[str, list[float]] = {name: [] for name in work.models}
+    for repeat in range(warmup + repeats):
+        for name in work.rotated(repeat):
             if progress is not None:
                 progress(f"{name}: training step {repeat + 1}")
-            train_s, _ = _timed(partial(train_step, name), device)
-            if repeat >= settings.warmup:
-                record(name, "train_step_ms", train_s)
-    memory_method = ""
-    for name in models:  # memory in separate, untimed passes: the CPU method slows down what it watches
+            train_s, _ = _timed(partial(work.train_step, name), work.device)
+            if repeat >= warmup:
+                times[name].append(1e3 * train_s)
+    return times
+
+
+def measure_memory(work: Workload, train: bool, progress=None) -> tuple[dict, str]:
+    """Peak bytes of the prefill (and of a training step) per decoder, and how they were measured. Separate,
+    untimed passes: the CPU method slows down what it watches."""
+    peaks: dict[str, dict[str, int]] = {name: {} for name in work.models}
+    method = ""
+    for name in work.models:
         if progress is not None:
             progress(f"{name}: peak memory")
         with torch.no_grad():
-            cache = new_cache(name)
-            extra[name]["prefill_peak_bytes"], memory_method = peak_memory(partial(prefill, name, cache), device)
-        if settings.train:
-            extra[name]["train_peak_bytes"], _ = peak_memory(partial(train_step, name), device)
-    if "proxyv" in models:  # report the start layer actually used
-        settings.proxyv_start_layer = models["proxyv"].config.proxyv_start_layer
-    tokens_per_crop = contexts[next(iter(models))].tokens.shape[-2]
-    configs = {name: model.config for name, model in models.items()}
+            cache = work.new_cache(name)
+            peaks[name]["prefill_peak_bytes"], method = peak_memory(partial(work.prefill, name, cache), work.device)
+        if train:
+            peaks[name]["train_peak_bytes"], _ = peak_memory(partial(work.train_step, name), work.device)
+    return peaks, method
+
+
+def run_bench(settings: BenchSettings, progress=None) -> dict:
+    """Measure every decoder: inference first, then training, then memory; `progress(description)` is called
+    before each measurement."""
+    work = Workload(settings)
+    samples, cache_bytes = measure_inference(work, settings.repeats, settings.warmup, progress)
+    if settings.train:
+        for name, times in measure_training(work, settings.repeats, settings.warmup, progress).items():
+            samples[name]["train_step_ms"] = times
+    peaks, memory_method = measure_memory(work, settings.train, progress)
+    extra = {name: {"kv_cache_bytes": cache_bytes[name], **peaks[name]} for name in work.models}
+    if "proxyv" in work.models:  # report the start layer actually used
+        settings.proxyv_start_layer = work.models["proxyv"].config.proxyv_start_layer
+    tokens_per_crop = next(iter(work.contexts.values())).tokens.shape[-2]
+    configs = {name: model.config for name, model in work.models.items()}
     return summarize(settings, samples, extra, memory_method, configs, tokens_per_crop)
 
 
@@ -267,20 +320,14 @@ def summarize(settings, samples: dict, extra: dict, memory_method: str, configs:
 
 def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
     """JSON, markdown table and a PNG plot of the report in `out_dir`."""
-    import matplotlib
+    return write_files(report, out_dir, name, markdown=markdown(report), plot=plot, dpi=110)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
+def plot(report: dict):
+    """Measured against analytic prefill speed-up, and decode time next to KV-cache size, per decoder."""
     results = report["results"]
     names = list(results)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    canvas, axes = figure(2, (11, 4))
     width = 0.38
     x = range(len(names))
     measured = [results[n].get("prefill_speedup", 0) for n in names]
@@ -299,12 +346,10 @@ def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
     axes[1].legend()
     axes[1].set_title("Decoding")
     s = report["settings"]
-    figure.suptitle(f"{report['title']}, {s['crops']} crop(s), {s['text_tokens']} text tokens, "
+    canvas.suptitle(f"{report['title']}, {s['crops']} crop(s), {s['text_tokens']} text tokens, "
                     f"batch {s['batch']}, {s['dtype']} on {s['device']}")
-    figure.tight_layout()
-    figure.savefig(paths[2], dpi=110)
-    plt.close(figure)
-    return paths
+    canvas.tight_layout()
+    return canvas
 
 
 def _ratio(value) -> str:
@@ -345,3 +390,10 @@ def markdown(report: dict) -> str:
             f"{cell(row, 'train_step_ms')} | {_mib(row.get('train_peak_bytes'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def render(report: dict, console) -> None:
+    """The report's table in the terminal."""
+    from rich.markdown import Markdown
+
+    console.print(Markdown(markdown(report)))

@@ -5,11 +5,14 @@ states."""
 
 from __future__ import annotations
 
-import json
 import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from leanvlm.decoders import DECODERS
+from leanvlm.reports import figure, write_report
 
 METRICS = ("vision_vs_previous", "text_vs_previous", "vision_vs_input", "text_vs_input", "cross_modal")
 
@@ -23,10 +26,11 @@ class RedundancyStats:
         self.samples = 0
 
     def add(self, model, batch: dict) -> None:
-        if model.config.decoder not in ("vanilla", "proxyv"):
+        if not DECODERS[model.config.decoder].keeps_vision_tokens:
+            usable = [name for name, policy in DECODERS.items() if policy.keeps_vision_tokens]
             raise ValueError(
                 f"The redundancy analysis reads vision tokens' hidden states; the {model.config.decoder!r} decoder "
-                "keeps no vision tokens in the sequence. Use a vanilla (or proxyv) model."
+                f"keeps no vision tokens in the sequence. Use a model with one of: {', '.join(usable)}."
             )
         with torch.no_grad():
             out = model(**batch, output_hidden_states=True)
@@ -73,20 +77,60 @@ def redundancy(model, batches) -> dict:
     return stats.result()
 
 
+def run(model_dir: str, images: list[str] = (), prompt: str = "<image>\nDescribe the image.", samples: int = 8,
+        batch_size: int = 4, seed: int = 0, console=None) -> dict:
+    """The per-layer similarities of a saved model on `images` (default: `samples` ShapesVQA pictures), asked
+    `prompt`, which holds one <image> placeholder."""
+    from PIL import Image
+    from rich.progress import track
+
+    from leanvlm.data.synthetic import generate, render, scene_from_dict
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+    from leanvlm.processing import LeanVLMProcessor
+
+    if prompt.count("<image>") != 1:
+        raise ValueError(f"the prompt needs exactly one <image> placeholder; {prompt!r} has {prompt.count('<image>')}")
+    for path in images:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is not a file")
+    model = LeanVLMForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = LeanVLMProcessor.from_pretrained(model_dir)
+    if images:
+        pictures = [Image.open(p).convert("RGB") for p in images]
+    else:
+        pictures = [render(scene_from_dict(sample["scene"])) for sample in generate(samples, seed)]
+    stats = RedundancyStats()
+    for start in track(range(0, len(pictures), batch_size), description="Analysing", console=console):
+        chunk = pictures[start : start + batch_size]
+        stats.add(model, dict(processor(text=[prompt] * len(chunk), images=chunk)))
+    return {**stats.result(), "model": model_dir, "decoder": model.config.decoder, "prompt": prompt}
+
+
+def render_table(result: dict, console) -> None:
+    """One row per layer, one column per metric."""
+    from rich.table import Table
+
+    table = Table(title=f"Layer-wise cosine similarity ({result['samples']} samples)")
+    table.add_column("layer", justify="right")
+    for header in ("vision/prev", "text/prev", "vision/input", "text/input", "vision/text"):
+        table.add_column(header, justify="right")
+    for row in result["layers"]:
+        table.add_row(str(row["layer"]), *(f"{row[m]:.3f}" if row[m] is not None else "-" for m in METRICS))
+    console.print(table)
+
+
 def save_redundancy(result: dict, out_dir: str, title: str = "") -> tuple[str, str]:
     """Write redundancy.json and redundancy.png into `out_dir`; return both paths."""
-    import matplotlib
+    json_path, png_path = write_report(result, out_dir, "redundancy", plot=partial(plot, title=title))
+    return json_path, png_path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(result: dict, title: str = ""):
+    """Per layer: each token against its previous layer and its input, and the mean vision against mean text."""
     from matplotlib.ticker import MaxNLocator
 
-    os.makedirs(out_dir, exist_ok=True)
-    json_path, png_path = os.path.join(out_dir, "redundancy.json"), os.path.join(out_dir, "redundancy.png")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
     layers = [row["layer"] for row in result["layers"]]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    canvas, axes = figure(3, (15, 4.2))
     panels = [
         ("vs. previous layer", ("vision_vs_previous", "text_vs_previous")),
         ("vs. input embedding", ("vision_vs_input", "text_vs_input")),
@@ -101,8 +145,6 @@ def save_redundancy(result: dict, out_dir: str, title: str = "") -> tuple[str, s
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(title or f"Layer-wise similarity of vision and text tokens ({result['samples']} samples)")
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-    return json_path, png_path
+    canvas.suptitle(title or f"Layer-wise similarity of vision and text tokens ({result['samples']} samples)")
+    canvas.tight_layout()
+    return canvas
