@@ -5,6 +5,7 @@ import torch
 from tiny import build, cached_and_recomputed, left_padded, pixels, prompt
 
 from leanvlm import KVCache
+from leanvlm.generation import SamplingParams, generate_steps, sample
 
 DECODERS = ["vanilla", "himix"]
 
@@ -151,3 +152,144 @@ def test_a_hand_written_decode_loop_grows_the_cache_geometrically():
             capacities.append(cache.keys[0].shape[2])
     assert cache.length == 35
     assert len(set(capacities)) <= 5  # 3 -> 6 -> 12 -> 24 -> 48, not one reallocation per token
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8),
+                                      dict(temperature=1.5, top_k=20, top_p=0.6)])
+def test_sampling_filters_like_transformers_warpers(settings):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(256, 96, generator=torch.Generator().manual_seed(0)) * 3
+    warpers = LogitsProcessorList()
+    if "temperature" in settings:
+        warpers.append(TemperatureLogitsWarper(settings["temperature"]))
+    if "top_k" in settings:
+        warpers.append(TopKLogitsWarper(settings["top_k"]))
+    if "top_p" in settings:
+        warpers.append(TopPLogitsWarper(settings["top_p"]))
+    expected = torch.multinomial(warpers(None, logits).softmax(dim=-1), 1,
+                                 generator=torch.Generator().manual_seed(1)).squeeze(1)
+    tokens = sample(logits, SamplingParams(do_sample=True, **settings), torch.Generator().manual_seed(1))
+    assert torch.equal(tokens, expected)
+
+
+def test_a_suppressed_token_is_never_produced():
+    logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = 100.0  # the most likely token by far
+    greedy = sample(logits, SamplingParams(suppress_token_ids=[7]))
+    others = logits.clone()
+    others[:, 7] = float("-inf")
+    assert torch.equal(greedy, others.argmax(dim=-1))
+    sampled = sample(logits, SamplingParams(do_sample=True, top_k=2, suppress_token_ids=7),
+                     torch.Generator().manual_seed(0))
+    assert not (sampled == 7).any() and logits[:, 7].eq(100.0).all()  # the caller's logits are left unchanged
+
+
+def test_the_image_placeholder_is_suppressed_and_stop_ids_come_from_the_model():
+    model = build("vanilla")
+    model.generation_config.eos_token_id = [2, 4]
+    params = SamplingParams().with_model_defaults(model)
+    assert params.suppress_token_ids == (model.config.image_token_id,)
+    assert params.stop_token_ids == (2, 4) and params.pad_token_id == model.config.text_config.pad_token_id
+    assert SamplingParams(stop_token_ids=[]).with_model_defaults(model).stop_token_ids == ()
+
+
+@pytest.mark.parametrize("bad, message", [(dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+                                          (dict(do_sample=True, temperature=0), "temperature must be > 0"),
+                                          (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+                                          (dict(top_k=-1), "top_k must be >= 0")])
+def test_bad_sampling_params_say_what_is_allowed(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**bad)
+
+
+def test_steps_are_the_new_tokens_of_generate_and_flag_finished_rows():
+    model = build("vanilla")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    greedy = model.generate(ids, mask, pixel_values=images, max_new_tokens=6, eos_token_id=[])[:, ids.shape[1]:]
+    eos = greedy[0, 1].item()  # sample 0 ends at its second token
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=[eos], pad_token_id=0)
+    steps = list(generate_steps(model, ids, mask, params=params, pixel_values=images))
+    out = model.generate(ids, mask, pixel_values=images, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(torch.stack([step.tokens for step in steps], dim=1), out[:, ids.shape[1]:])
+    for t, step in enumerate(steps):
+        assert step.finished.tolist() == (greedy[:, : t + 1] == eos).any(dim=1).tolist()
+
+
+class RecordingStreamer:
+    """transformers' streamer protocol: `put` receives the prompt, then every step's tokens; `end` closes."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        assert not self.ended
+        self.puts.append(value)
+
+    def end(self):
+        self.ended = True
+
+
+def test_a_streamer_gets_the_prompt_then_every_step():
+    model = build("himix")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    streamer = RecordingStreamer()
+    out = model.generate(ids, mask, pixel_values=images, max_new_tokens=4, eos_token_id=[], streamer=streamer)
+    assert streamer.ended and len(streamer.puts) == 5 and torch.equal(streamer.puts[0], ids)
+    assert torch.equal(torch.stack(streamer.puts[1:], dim=1), out[:, ids.shape[1]:])
+
+
+def test_a_seed_in_the_params_makes_sampling_repeatable():
+    model = build("himix")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+
+    def sampled(seed):
+        params = SamplingParams(max_new_tokens=6, do_sample=True, temperature=1.5, stop_token_ids=[], seed=seed)
+        return torch.stack([s.tokens for s in generate_steps(model, ids, mask, params=params, pixel_values=images)])
+
+    assert torch.equal(sampled(3), sampled(3)) and not torch.equal(sampled(3), sampled(4))
+
+
+@pytest.mark.parametrize("decoder", ["vanilla", "himix", "proxyv"])
+def test_generation_from_cached_features_equals_generation_from_pixels(decoder):
+    from leanvlm.vision import encode_features
+
+    model = build(decoder)
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        features = encode_features(model.vision_model, images, model.config.feature_layers,
+                                   model.config.vision_feature_select)
+    from_pixels = model.generate(ids, mask, pixel_values=images, max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(model.generate(ids, mask, vision_features=features, max_new_tokens=5, eos_token_id=[]),
+                       from_pixels)
+
+
+def test_prefill_then_decode_steps_equal_the_forward_continuation():
+    model = build("himix", "qwen3")
+    rows, _, images = three_prompts(model)
+    ids, mask = left_padded(rows)
+    new = torch.randint(3, 90, (3, 3))
+    with torch.no_grad():
+        cache = model.new_cache()
+        stepped = [model.prefill(ids, mask, pixel_values=images, cache=cache).logits[:, -1]]
+        stepped += [model.decode_step(new[:, t], cache) for t in range(new.shape[1])]
+        continued = KVCache(model.config.text_config.num_hidden_layers)
+        expected = [model(ids, mask, pixel_values=images, cache=continued).logits[:, -1]]
+        expected += [model(new[:, t : t + 1], cache=continued).logits[:, -1] for t in range(new.shape[1])]
+    torch.testing.assert_close(torch.stack(stepped), torch.stack(expected), atol=1e-5, rtol=0)
+
+
+def test_image_crops_do_not_go_with_an_image_context():
+    model = build("vanilla")
+    context = model.encode_images(pixels(1))
+    with pytest.raises(ValueError, match="an image_context carries its own crops"):
+        model.generate(torch.tensor([prompt(model, 5, "<image>")]), image_context=context, image_crops=[1])

@@ -21,6 +21,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
+from leanvlm import generation
 from leanvlm.config import LeanVLMConfig
 from leanvlm.decoders import build_decoder
 from leanvlm.decoders.base import (
@@ -30,7 +31,7 @@ from leanvlm.decoders.base import (
     assign_images,
     positions_from_valid,
 )
-from leanvlm.decoders.cache import KVCache
+from leanvlm.decoders.cache import DecoderCache, KVCache
 from leanvlm.decoders.llm import check_supported_text_config, decoder_layers
 from leanvlm.decoders.proxyv import ProxyInitializer
 from leanvlm.decoders.runner import run_decoder
@@ -256,6 +257,11 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         crops = None if image_crops is None else [int(c) for c in torch.as_tensor(image_crops).flatten().tolist()]
         return ImageContext(self.config.decoder, tokens, crops, grid)
 
+    def new_cache(self, reserve: int = 0) -> KVCache:
+        """An empty key/value cache for this model; `reserve` more slots are allocated with the prefill (e.g. the
+        tokens to generate)."""
+        return KVCache(len(decoder_layers(self.language_model)), reserve=reserve)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -263,7 +269,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_context: ImageContext | None = None,
         labels: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: DecoderCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
         image_crops: torch.Tensor | None = None,
@@ -272,32 +278,78 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         vision_features: dict | None = None,
         **kwargs,
     ) -> LeanVLMOutput:
-        """Prefill/training forward, or (with a filled `cache`) a continuation over new text tokens, whose
-        `attention_mask` then covers only the new tokens. `logits_to_keep=k` computes logits for the last k
-        positions only (0 = all); `return_logits=False` skips them (training: the loss needs only the scored
-        positions)."""
+        """Training/scoring forward, or a prefill into `cache` (a new one with `use_cache`); with a filled `cache`,
+        a continuation over new text tokens, whose `attention_mask` then covers only the new tokens (generation
+        calls `prefill` and `decode_step` instead). Images come one way: `pixel_values` (+ `image_crops`), an
+        `image_context` from `encode_images`, or cached encoder `vision_features` (+ `image_crops`).
+        `logits_to_keep=k` computes logits for the last k positions only (0 = all); `return_logits=False` skips them
+        (training: the loss needs only the scored positions)."""
         if kwargs:
             raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
         valid = _valid_mask(input_ids, attention_mask)
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
-                )
-            if logits_to_keep:
-                raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
+        _check_labels(labels, input_ids, logits_to_keep)
         if cache is not None and cache.length:
-            self._check_continuation(input_ids, pixel_values, image_context, labels, cache)
+            self._check_continuation(input_ids, (pixel_values, image_context, vision_features), labels, cache)
             inputs = self._continuation_inputs(input_ids, valid, cache)
         else:
-            if vision_features is not None:  # cached encoder features instead of pixels
-                if pixel_values is not None or image_context is not None:
-                    raise ValueError("Pass one of pixel_values, image_context or vision_features.")
-                image_context = self.context_from_features(vision_features, image_crops)
-            inputs = self._prefill_inputs(input_ids, valid, pixel_values, image_crops, image_context, labels)
+            context = self._image_context(pixel_values, image_crops, image_context, vision_features)
+            inputs = self._prefill_inputs(input_ids, valid, context, labels)
             if cache is None and use_cache:
-                cache = KVCache(len(decoder_layers(self.language_model)))
+                cache = self.new_cache()
         return self._run(inputs, cache, logits_to_keep, output_hidden_states, return_logits)
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_crops: torch.Tensor | None = None,
+        image_context: ImageContext | None = None,
+        vision_features: dict | None = None,
+        cache: DecoderCache,
+        logits_to_keep: int = 1,
+    ) -> LeanVLMOutput:
+        """Run left-padded prompts and their images (given one way, as in `forward`) into the empty `cache`; the
+        output holds the logits of the last `logits_to_keep` positions, (B, k, vocab). Continue with `decode_step`;
+        to add these rows to a running batch, prefill them into a new cache and `merge` it into the running one."""
+        if cache.length:
+            raise ValueError(
+                "prefill fills an empty cache, but this one already holds tokens: continue it with decode_step, or "
+                "prefill a new cache (model.new_cache()) and merge it into this one."
+            )
+        valid = _valid_mask(input_ids, attention_mask)
+        context = self._image_context(pixel_values, image_crops, image_context, vision_features)
+        return self._run(self._prefill_inputs(input_ids, valid, context, None), cache, logits_to_keep)
+
+    def _image_context(self, pixel_values, image_crops, image_context, vision_features) -> ImageContext | None:
+        """The one place image inputs are resolved: pixels (encoded here), a ready `ImageContext` or cached encoder
+        features become one ImageContext of this model's decoder, on its device; None without images."""
+        given = [name for name, value in [("pixel_values", pixel_values), ("image_context", image_context),
+                                          ("vision_features", vision_features)] if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"Pass either pixel_values or image_context or vision_features, not "
+                             f"{' and '.join(given)}.")
+        if pixel_values is not None:
+            return self.encode_images(pixel_values, image_crops)
+        if vision_features is not None:
+            return self.context_from_features(vision_features, image_crops)
+        if image_context is None:
+            return None
+        if not isinstance(image_context, ImageContext):
+            raise TypeError(
+                f"image_context must be the ImageContext that model.encode_images() returns, got "
+                f"{type(image_context).__name__}."
+            )
+        if image_context.decoder != self.config.decoder:
+            raise ValueError(
+                f"This image_context was encoded for the {image_context.decoder!r} decoder; this model runs "
+                f"{self.config.decoder!r}. Encode the images with this model's encode_images()."
+            )
+        if image_crops is not None:
+            raise ValueError("image_crops go with pixel_values or vision_features; an image_context carries its "
+                             "own crops. Drop image_crops.")
+        return image_context.to(self.get_input_embeddings().weight.device)
 
     def _run(
         self,
@@ -335,23 +387,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             vision_mask=inputs.vision,
         )
 
-    def _prefill_inputs(self, input_ids, valid, pixel_values, image_crops, image_context, labels) -> DecoderInputs:
-        if pixel_values is not None and image_context is not None:
-            raise ValueError("Pass either pixel_values or image_context, not both.")
-        if image_context is None and pixel_values is not None:
-            image_context = self.encode_images(pixel_values, image_crops)
-        if image_context is not None:
-            if not isinstance(image_context, ImageContext):
-                raise TypeError(
-                    f"image_context must be the ImageContext that model.encode_images() returns, got "
-                    f"{type(image_context).__name__}."
-                )
-            if image_context.decoder != self.config.decoder:
-                raise ValueError(
-                    f"This image_context was encoded for the {image_context.decoder!r} decoder; this model runs "
-                    f"{self.config.decoder!r}. Encode the images with this model's encode_images()."
-                )
-            image_context = image_context.to(self.get_input_embeddings().weight.device)
+    def _prefill_inputs(self, input_ids, valid, image_context: ImageContext | None, labels) -> DecoderInputs:
         num_images = len(image_context) if image_context is not None else 0
         images = assign_images(input_ids, valid, self.config.image_token_id, num_images)
         inputs = self.decoder.build_inputs(
@@ -366,19 +402,19 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             )
         return inputs
 
-    def _check_continuation(self, input_ids, pixel_values, image_context, labels, cache: KVCache) -> None:
-        if pixel_values is not None or image_context is not None or (input_ids == self.config.image_token_id).any():
+    def _check_continuation(self, input_ids, images, labels, cache: DecoderCache) -> None:
+        if any(image is not None for image in images) or (input_ids == self.config.image_token_id).any():
             raise ValueError("Images can only be given with the first forward of a cache (the prefill).")
         if labels is not None:
             raise ValueError("labels need the whole sequence: compute the loss in one forward, without a cache.")
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"The cache holds {cache.batch_size} sample(s) but input_ids has {input_ids.shape[0]}.")
 
-    def _continuation_inputs(self, input_ids, valid, cache: KVCache) -> DecoderInputs:
+    def _continuation_inputs(self, input_ids, valid, cache: DecoderCache) -> DecoderInputs:
         embeds = self.get_input_embeddings()(input_ids)
         return DecoderInputs(embeds, positions_from_valid(valid, cache.next_position), valid)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """One generation step for every sample: tokens (B,) -> next-token logits (B, vocab). No input checks."""
         valid = torch.ones_like(tokens[:, None], dtype=torch.bool)
         inputs = self._continuation_inputs(tokens[:, None], valid, cache)
@@ -386,12 +422,10 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_context=None, image_crops=None,
                  **kwargs):
-        """Batched generation with a KV cache; returns prompt + new tokens (see `leanvlm.generation.generate`)."""
-        from leanvlm.generation import generate
-
-        if pixel_values is not None and image_context is None:
-            image_context, pixel_values = self.encode_images(pixel_values, image_crops), None
-        return generate(self, input_ids, attention_mask, pixel_values, image_context, **kwargs)
+        """Batched generation with a KV cache; returns prompt + new tokens (see `leanvlm.generation.generate`;
+        `leanvlm.generation.generate_steps` yields the new tokens step by step)."""
+        return generation.generate(self, input_ids, attention_mask, pixel_values, image_context,
+                                   image_crops=image_crops, **kwargs)
 
 
 def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -405,6 +439,15 @@ def _valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
             f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
         )
     return attention_mask.bool()
+
+
+def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor, logits_to_keep: int) -> None:
+    if labels is None:
+        return
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}.")
+    if logits_to_keep:
+        raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
 
 
 def _existing_dir(path, what: str) -> str:

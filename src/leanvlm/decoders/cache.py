@@ -1,16 +1,51 @@
 """Key/value cache for generation: one preallocated buffer per layer, written in place.
 
 Slots hold `[prefix | text]` keys in time order, the same layout the mask builder expects; the prefix (HiMix's vision
-keys) is written once at prefill. Samples of a batch are left-aligned to the same slot count, padding slots are
-marked invalid in `key_valid`.
+keys) is written once at prefill. The rows of a batch share one slot count: a row's valid text slots are contiguous at
+the right end of the text segment, its padding slots are marked invalid in `key_valid`. Rows can leave (`select`)
+and join (`merge`) a running batch, so a server can keep decoding while requests finish and arrive.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 
+class DecoderCache(Protocol):
+    """What the layer runner and the model need from a key/value cache. A prefill writes the optional prefix, then
+    every forward opens a block (`begin`), lets each layer write its keys (`update`) and closes it (`end`)."""
+
+    key_valid: torch.Tensor | None  # (B, length) bool, False for padding slots
+    prefix_len: int  # position-free slots in front of the text
+    length: int  # filled slots, prefix included
+    next_position: torch.Tensor | None  # (B,) next text position per row
+
+    @property
+    def batch_size(self) -> int | None: ...
+
+    def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                     upcoming: int) -> None: ...
+
+    def begin(self, valid: torch.Tensor, upcoming: int = 0) -> None: ...
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def end(self, valid: torch.Tensor) -> None: ...
+
+    # what an engine needs to run a changing batch
+    def row_lengths(self) -> torch.Tensor: ...
+
+    def select(self, rows) -> None: ...
+
+    def merge(self, other) -> None: ...  # `other`: a cache of the same kind
+
+
 class KVCache:
+    """The whole-batch `DecoderCache`: one (B, H_kv, slots, head_dim) key and value buffer per layer."""
+
     def __init__(self, num_layers: int, reserve: int = 0):
         self.reserve = reserve  # extra slots to allocate with the first block (e.g. max_new_tokens)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -76,3 +111,86 @@ class KVCache:
             if buf is not None:
                 total += buf[:, :, : self.length].numel() * buf.element_size()
         return total
+
+    # ------------------------------------------------------------------ rows leave and join a running batch
+    def row_lengths(self) -> torch.Tensor:
+        """(B,) valid slots of each row (its prefix and text keys): what the row really holds."""
+        return self.key_valid.sum(dim=1)
+
+    def select(self, rows) -> None:
+        """Keep only `rows` (indices or a (B,) bool mask), in that order, e.g. to drop finished requests. Slots no
+        kept row uses are freed: prefix slots invalid in every row, and text slots left of every row's text."""
+        self._check_closed("select rows of")
+        rows = torch.as_tensor(rows, device=self.key_valid.device)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+        if not len(rows):  # back to an empty cache, which a later merge fills again
+            self.__init__(len(self.keys), self.reserve)
+            return
+        valid = self.key_valid[rows]  # (B', length)
+        prefix_slots = valid[:, : self.prefix_len].any(dim=0).nonzero().flatten()
+        text_used = valid[:, self.prefix_len :].any(dim=0)
+        first_text = int(text_used.long().argmax()) if bool(text_used.any()) else text_used.shape[0]
+        text_slots = torch.arange(self.prefix_len + first_text, self.length, device=valid.device)
+        slots = torch.cat([prefix_slots, text_slots])
+        room = self._room()
+        for store in (self.keys, self.values):
+            for layer_idx, buf in enumerate(store):
+                kept = buf.new_zeros(len(rows), buf.shape[1], len(slots) + room, buf.shape[3])
+                kept[:, :, : len(slots)] = buf.index_select(0, rows).index_select(2, slots)  # (B', H_kv, S, D)
+                store[layer_idx] = kept
+        self.key_valid = valid[:, slots]
+        self.next_position = self.next_position[rows]
+        self.prefix_len, self.length = len(prefix_slots), len(slots)
+
+    def merge(self, other: KVCache) -> None:
+        """Append the rows of `other` (e.g. a request prefilled alone) after this cache's rows. Each segment is
+        padded on the left with invalid slots to the longer of the two, which keeps every row's text keys
+        contiguous at the right end: attention, sliding windows included, stays exactly what it was. `other` is
+        consumed: its buffers may be shared, so do not write to it afterwards."""
+        other._check_closed("merge")
+        if len(other.keys) != len(self.keys):
+            raise ValueError(f"Cannot merge a cache of {len(other.keys)} layers into one of {len(self.keys)}.")
+        if self.key_valid is None:  # an empty cache takes the rows as they are
+            self.keys, self.values = list(other.keys), list(other.values)
+            self.key_valid, self.next_position = other.key_valid, other.next_position
+            self.prefix_len, self.length = other.prefix_len, other.length
+            return
+        self._check_closed("merge into")
+        prefix_len = max(self.prefix_len, other.prefix_len)
+        text_len = max(self.length - self.prefix_len, other.length - other.prefix_len)
+        slots = prefix_len + text_len + max(self._room(), other._room())
+        batch = self.batch_size + other.batch_size
+        keys = [buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]) for buf in self.keys]
+        values = [buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]) for buf in self.values]
+        valid = self.key_valid.new_zeros(batch, prefix_len + text_len)
+        self._place(keys, values, valid, 0, prefix_len, text_len)
+        other._place(keys, values, valid, self.batch_size, prefix_len, text_len)
+        self.keys, self.values, self.key_valid = keys, values, valid
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.prefix_len, self.length = prefix_len, prefix_len + text_len
+
+    def _place(self, keys, values, valid, first_row: int, prefix_len: int, text_len: int) -> None:
+        """Write this cache's rows into rows `first_row:` of larger buffers (per layer (B, H_kv, S, D)) and their
+        key_valid (B, prefix_len + text_len), each segment padded on the left: prefix slots end at `prefix_len`,
+        text slots at `prefix_len + text_len`."""
+        rows = slice(first_row, first_row + self.batch_size)
+        end = prefix_len + text_len
+        prefix = slice(prefix_len - self.prefix_len, prefix_len)
+        text = slice(end - (self.length - self.prefix_len), end)
+        for target, source in ((keys, self.keys), (values, self.values)):
+            for dst, buf in zip(target, source, strict=True):
+                dst[rows, :, prefix] = buf[:, :, : self.prefix_len]
+                dst[rows, :, text] = buf[:, :, self.prefix_len : self.length]
+        valid[rows, prefix] = self.key_valid[:, : self.prefix_len]
+        valid[rows, text] = self.key_valid[:, self.prefix_len :]
+
+    def _room(self) -> int:
+        """Allocated slots after the filled ones (kept when rows move, so decoding does not reallocate at once)."""
+        return self.keys[0].shape[2] - self.length
+
+    def _check_closed(self, action: str) -> None:
+        if self.key_valid is None or self.length != self.key_valid.shape[1]:
+            raise RuntimeError(
+                f"Cannot {action} a cache that is empty or has a block open; prefill it (and finish the forward) "
+                "first."
+            )
