@@ -14,7 +14,6 @@ from leanvlm.decoders.base import (
     DecoderInputs,
     DecoderPolicy,
     ImageContext,
-    left_pad,
     positions_from_valid,
 )
 from leanvlm.decoders.connector import build_connector
@@ -74,13 +73,6 @@ class VanillaDecoder(DecoderPolicy):
             groups["probe_light_mlps"] = list(self.light_mlps.parameters())
         return groups
 
-    def image_tokens(self, crops: torch.Tensor) -> torch.Tensor:
-        """One image's crops (c, N, d) -> its tokens in the sequence, with a newline after each crop if enabled."""
-        if self.image_newline is None:
-            return crops.flatten(0, 1)
-        newline = self.image_newline.to(crops.dtype).expand(crops.shape[0], 1, -1)
-        return torch.cat([crops, newline], dim=1).flatten(0, 1)
-
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.connector(features[self.feature_layer])  # (n_images, N, d)
 
@@ -94,45 +86,56 @@ class VanillaDecoder(DecoderPolicy):
         context: ImageContext | None,
         labels: torch.Tensor | None,
     ) -> DecoderInputs:
-        token_embeds = embed(input_ids)
-        sequences, sequence_labels, vision_flags = [], [], []
-        for b, images in enumerate(images_per_sample):
-            ids, embeds = input_ids[b, valid[b]], token_embeds[b, valid[b]]
-            sample_labels = labels[b, valid[b]] if labels is not None else None
-            cuts = (ids == image_token_id).nonzero().flatten().tolist()
-            pieces, label_pieces, flags, start = [], [], [], 0
-            for cut, image in zip(cuts, images, strict=True):
-                image_tokens = self.image_tokens(context.image(image).to(embeds.dtype))
-                pieces += [embeds[start:cut], image_tokens]
-                flags += [torch.zeros(cut - start, dtype=torch.bool), self._vision_flags(context.crops[image], context)]
-                if sample_labels is not None:
-                    label_pieces += [
-                        sample_labels[start:cut],
-                        sample_labels.new_full((image_tokens.shape[0],), IGNORE_INDEX),
-                    ]
-                start = cut + 1
-            pieces.append(embeds[start:])
-            flags.append(torch.zeros(len(ids) - start, dtype=torch.bool))
-            sequences.append(torch.cat(pieces))
-            vision_flags.append(torch.cat(flags).to(embeds.device))
-            if sample_labels is not None:
-                label_pieces.append(sample_labels[start:])
-                sequence_labels.append(torch.cat(label_pieces))
-        inputs_embeds, new_valid = left_pad(sequences, 0.0)
-        new_labels = left_pad(sequence_labels, IGNORE_INDEX)[0] if labels is not None else None
-        crops = [[context.crops[image] for image in images] for images in images_per_sample] if context else None
+        """Every `<image>` placeholder becomes its image's tokens; the laid-out batch is left-padded again.
+
+        Shapes: B samples, T0 prompt slots, T laid-out slots, C crops of N tokens, d width. One scatter into a
+        preallocated (B, T, d) buffer: a per-sample loop of slices and concatenations copies the vision tokens twice.
+        """
+        token_embeds = embed(input_ids)  # (B, T0, d)
+        is_image = (input_ids == image_token_id) & valid  # (B, T0): the placeholders
+        is_text = valid & ~is_image
+        order = [image for images in images_per_sample for image in images]  # the placeholders' images, row by row
+        span = is_text.long()  # (B, T0): slots each prompt token takes once laid out
+        if order:
+            per_crop = context.tokens.shape[1] + (self.image_newline is not None)
+            sizes = torch.tensor([context.crops[image] * per_crop for image in order], device=span.device)
+            span = span.masked_scatter(is_image, sizes)
+        end = span.cumsum(dim=1)  # (B, T0)
+        length = int(end[:, -1].max())
+        pad = length - end[:, -1]  # (B,) left padding
+        new_valid = torch.arange(length, device=span.device) >= pad[:, None]  # (B, T)
+        text_b, text_t = is_text.nonzero(as_tuple=True)  # prompt coordinates of the text tokens
+        text_slot = (end - span + pad[:, None])[text_b, text_t]  # their laid-out slots
+        inputs_embeds = token_embeds.new_zeros(len(input_ids), length, token_embeds.shape[-1])  # (B, T, d)
+        inputs_embeds[text_b, text_slot] = token_embeds[text_b, text_t]
+        vision = torch.zeros_like(new_valid)  # (B, T)
+        if order:
+            rows = [row for image in order for row in context.rows(image)]
+            # Every image once and in order (the usual case) needs no copy of the context.
+            crops = context.tokens if rows == list(range(len(context.tokens))) else context.tokens[rows]  # (C, N, d)
+            image_slots = new_valid.clone()
+            image_slots[text_b, text_slot] = False  # (B, T): the images' slots, filled in row-major order
+            vision[image_slots] = self._vision_flags(len(rows), context).to(vision.device)
+            inputs_embeds[vision] = crops.flatten(0, 1).to(inputs_embeds.dtype)
+            if self.image_newline is not None:
+                inputs_embeds[image_slots & ~vision] = self.image_newline.to(inputs_embeds.dtype)
+        new_labels = None
+        if labels is not None:  # (B, T): image slots and padding score nothing
+            new_labels = labels.new_full(new_valid.shape, IGNORE_INDEX)
+            new_labels[text_b, text_slot] = labels[text_b, text_t]
+        crop_counts = [[context.crops[image] for image in images] for images in images_per_sample] if context else None
         return DecoderInputs(
             inputs_embeds,
             positions_from_valid(new_valid),
             new_valid,
             new_labels,
-            vision=left_pad(vision_flags, False)[0],
-            image_crops=crops,
+            vision=vision,
+            image_crops=crop_counts,
             vision_grid=context.grid if context is not None else None,
         )
 
     def _vision_flags(self, num_crops: int, context: ImageContext) -> torch.Tensor:
-        """Per token of one image: True for vision tokens, False for the newlines."""
+        """Per token of `num_crops` crops: True for vision tokens, False for the newlines."""
         per_crop = torch.ones(context.tokens.shape[1] + (self.image_newline is not None), dtype=torch.bool)
         if self.image_newline is not None:
             per_crop[-1] = False
