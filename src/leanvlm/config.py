@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name
+from leanvlm.decoders.llm import check_supported_text_config
 
 IMAGE_TOKEN = "<image>"
 
@@ -29,8 +34,8 @@ class LeanVLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
 
-    # Which decoder policy runs the language model: "vanilla" or "himix" (see `leanvlm.decoders`).
-    decoder: str = "vanilla"
+    # Which decoder policy runs the language model: a name in `leanvlm.decoders.DECODERS`.
+    decoder: str = BASELINE
     # Id of the `<image>` placeholder in `input_ids`; one placeholder stands for one whole image.
     image_token_id: int | None = None
     # Vision encoder hidden state to use (index into `hidden_states`, -2 = output of the penultimate layer).
@@ -41,7 +46,7 @@ class LeanVLMConfig(PreTrainedConfig):
     # The vision encoder is frozen by default (no gradients, kept in eval mode).
     freeze_vision: bool = True
 
-    # vanilla: connector from vision width to LLM width.
+    # Policies with vision tokens in the sequence: connector from vision width to LLM width.
     connector_type: str = "mlp2x_gelu"
     connector_act: str = "gelu"
     connector_bias: bool = True
@@ -50,25 +55,20 @@ class LeanVLMConfig(PreTrainedConfig):
     max_crops: int = 1
     # Candidate high-resolution grids in pixels [[width, height], ...]; None = 1x2, 2x1, 2x2, 3x1, 1x3 crops.
     image_grid_pinpoints: list[list[int]] | None = None
-    # vanilla/proxyv: a learned newline embedding after each crop's tokens. None = on iff max_crops > 1 (single-crop
-    # images then keep the LLaVA-1.5 layout).
+    # Policies with vision tokens in the sequence: a learned newline embedding after each crop's tokens. None = on
+    # iff max_crops > 1 (single-crop images then keep the LLaVA-1.5 layout).
     image_newline: bool | None = None
 
-    # himix: vision-encoder layers mapped onto consecutive groups of decoder layers (None = `vision_feature_layer`
-    # for every decoder layer, as in the paper).
+    # Each policy's own options, documented with its `Options` dataclass (the same names and defaults; the
+    # registry tests check that they agree). HiMix (`HiMixOptions`):
     himix_feature_layers: list[int] | None = None
 
-    # proxyv: from decoder layer `proxyv_start_layer` (None = the middle layer) on, proxy tokens (each crop's grid
-    # reduced `proxyv_reduce_factor` times per side) replace the full vision tokens as queries and in the FFN; the
-    # full tokens get a per-layer guided update MLP of width `proxyv_mlp_width` (None = d/4 if d >= 1024 else d/2).
+    # ProxyV (`ProxyVOptions`):
     proxyv_start_layer: int | None = None
     proxyv_reduce_factor: int = 4
-    proxyv_proxy_init: str = "spatial"  # "spatial": bilinear down-sampling; "learned": learnable queries
+    proxyv_proxy_init: str = "spatial"
     proxyv_mlp_width: int | None = None
-
-    # Redundancy probes on the vanilla decoder (None = off), each from the given decoder layer on: vision queries
-    # cannot see vision keys; vision tokens take no attention update; vision tokens skip the FFN, or with
-    # `probe_vision_light_mlp` skip attention and FFN for a trainable d -> d/4 -> d/4 -> d MLP (residual + RMSNorm).
+    # The vanilla decoder's redundancy probes (`VanillaOptions`):
     probe_mask_vision_to_vision_from_layer: int | None = None
     probe_skip_vision_attention_from_layer: int | None = None
     probe_skip_vision_ffn_from_layer: int | None = None
@@ -98,9 +98,6 @@ class LeanVLMConfig(PreTrainedConfig):
 
     def validate_options(self) -> None:
         """Raise a `ValueError` naming the offending option and its valid values."""
-        from leanvlm.decoders import check_decoder_name
-        from leanvlm.decoders.llm import check_supported_text_config
-
         check_decoder_name(self.decoder)
         check_supported_text_config(self.text_config)
         if self.vision_feature_select not in VISION_FEATURE_SELECTS:
@@ -114,11 +111,12 @@ class LeanVLMConfig(PreTrainedConfig):
                 f"vision_feature_layer must be one int (got {self.vision_feature_layer!r}); for several encoder "
                 "layers with the himix decoder use himix_feature_layers=[...]."
             )
+        self._validate_policy_options()
         num_states = getattr(self.vision_config, "num_hidden_layers", None)
         if num_states is not None:  # hidden_states holds the embeddings plus one state per encoder layer
             num_states += 1
-            for layer in [self.vision_feature_layer, *(self.himix_feature_layers or [])]:
-                if isinstance(layer, int) and not -num_states <= layer < num_states:
+            for layer in {self.vision_feature_layer, *self.feature_layers}:
+                if not -num_states <= layer < num_states:
                     raise ValueError(
                         f"Vision feature layer {layer} does not exist: the encoder returns {num_states} hidden "
                         f"states (valid indices {-num_states}..{num_states - 1})."
@@ -137,56 +135,29 @@ class LeanVLMConfig(PreTrainedConfig):
                     f"No grid in image_grid_pinpoints ({pinpoints}) fits max_crops={self.max_crops} with the base "
                     "view; allow more crops or give smaller grids."
                 )
-        self._validate_proxyv_and_probes()
-        if self.himix_feature_layers is not None:
-            if self.decoder != "himix":
-                raise ValueError(f"himix_feature_layers is a himix option; this config's decoder is {self.decoder!r}.")
-            layers = list(self.himix_feature_layers)
-            if not layers or not all(isinstance(x, int) for x in layers):
-                raise ValueError(f"himix_feature_layers must be a non-empty list of ints, got {layers!r}.")
-            if len(layers) > self.text_config.num_hidden_layers:
-                raise ValueError(
-                    f"himix_feature_layers has {len(layers)} entries but the language model has only "
-                    f"{self.text_config.num_hidden_layers} decoder layers to map them onto."
-                )
 
-    def _validate_proxyv_and_probes(self) -> None:
-        num_layers = self.text_config.num_hidden_layers
-        if self.decoder == "proxyv":
-            if self.proxyv_start_layer is None:
-                self.proxyv_start_layer = num_layers // 2
-            if not 0 <= self.proxyv_start_layer <= num_layers:
+    def _validate_policy_options(self) -> None:
+        """Options of another policy must stay at their defaults; this policy's own are checked and resolved (e.g.
+        ProxyV's start layer defaults to the middle layer) by its `Options`."""
+        policy = DECODERS[self.decoder]
+        own = {option.name for option in fields(policy.Options)}
+        for other in DECODERS.values():
+            foreign = [name for name in other.options_from(self).changed() if name not in own]
+            if foreign:
                 raise ValueError(
-                    f"proxyv_start_layer={self.proxyv_start_layer} must be in 0..{num_layers} (the number of layers)."
+                    f"{', '.join(foreign)}: {other.options_are}; this config's decoder is {self.decoder!r}."
                 )
-            if self.proxyv_reduce_factor < 1:
-                raise ValueError(f"proxyv_reduce_factor must be >= 1, got {self.proxyv_reduce_factor}.")
-            if self.proxyv_proxy_init not in ("spatial", "learned"):
-                raise ValueError(f"proxyv_proxy_init={self.proxyv_proxy_init!r} is not 'spatial' or 'learned'.")
-        probes = {
-            "probe_mask_vision_to_vision_from_layer": self.probe_mask_vision_to_vision_from_layer,
-            "probe_skip_vision_attention_from_layer": self.probe_skip_vision_attention_from_layer,
-            "probe_skip_vision_ffn_from_layer": self.probe_skip_vision_ffn_from_layer,
-        }
-        used = [name for name, layer in probes.items() if layer is not None]
-        if used and self.decoder != "vanilla":
-            raise ValueError(f"{', '.join(used)} are probes of the vanilla decoder; this config runs {self.decoder!r}.")
-        for name in used:
-            if probes[name] < 0:
-                raise ValueError(f"{name} must be a layer index >= 0, got {probes[name]}.")
-        if self.probe_vision_light_mlp and self.probe_skip_vision_ffn_from_layer is None:
-            raise ValueError("probe_vision_light_mlp replaces attention + FFN of the vision tokens from "
-                             "probe_skip_vision_ffn_from_layer on; set that layer too.")
+        resolved = policy.options_from(self).resolved(self.text_config.num_hidden_layers)
+        for name in own:
+            setattr(self, name, getattr(resolved, name))
 
     @property
     def uses_image_newline(self) -> bool:
-        if self.decoder == "himix":  # vision keys are a set: no layout, no newline
+        if not DECODERS[self.decoder].keeps_vision_tokens:  # no layout for a newline to mark
             return False
         return self.image_newline if self.image_newline is not None else self.max_crops > 1
 
     @property
     def feature_layers(self) -> list[int]:
         """Vision-encoder hidden-state indices the decoder consumes."""
-        if self.decoder == "himix" and self.himix_feature_layers is not None:
-            return list(self.himix_feature_layers)
-        return [self.vision_feature_layer]
+        return DECODERS[self.decoder].feature_layers(self)

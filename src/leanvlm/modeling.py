@@ -23,7 +23,7 @@ from transformers.utils import GENERATION_CONFIG_NAME, ModelOutput
 
 from leanvlm import generation
 from leanvlm.config import LeanVLMConfig
-from leanvlm.decoders import build_decoder
+from leanvlm.decoders import BASELINE, DECODERS, build_decoder
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
     DecoderInputs,
@@ -33,7 +33,6 @@ from leanvlm.decoders.base import (
 )
 from leanvlm.decoders.cache import DecoderCache, KVCache
 from leanvlm.decoders.llm import check_supported_text_config, decoder_layers
-from leanvlm.decoders.proxyv import ProxyInitializer
 from leanvlm.decoders.runner import run_decoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.hub import PARTS, pretrained_part
@@ -78,8 +77,8 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
         return model
 
     def _init_weights(self, module):
-        # New vision-side modules (connector, HiMix vision K/V, ProxyV MLPs): as the LLM's own `_init_weights` would;
-        # the raw parameters as their modules define them.
+        # New vision-side modules (connector, HiMix vision K/V, ProxyV MLPs): Linear and RMSNorm layers as the LLM's
+        # own `_init_weights` would; raw parameters as the decoder policy defines them.
         std = self.config.text_config.initializer_range
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -87,10 +86,8 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
             init.ones_(module.weight)
-        elif isinstance(module, VanillaDecoder) and module.image_newline is not None:
-            init.normal_(module.image_newline, std=module.image_newline.shape[0] ** -0.5)
-        elif isinstance(module, ProxyInitializer):
-            init.normal_(module.queries, std=(4 * module.queries.shape[1]) ** -0.5)
+        else:
+            self.decoder.init_module(module)
 
 
 class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
@@ -120,7 +117,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         cls,
         language_model,
         vision_model,
-        decoder: str = "vanilla",
+        decoder: str = BASELINE,
         tokenizer=None,
         image_token_id: int | None = None,
         dtype: torch.dtype | None = None,
@@ -174,7 +171,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         config = LeanVLMConfig(
             text_config=source.text_config,
             vision_config=source.vision_config,
-            decoder="vanilla",
+            decoder=VanillaDecoder.name,
             image_token_id=source.image_token_id,
             vision_feature_layer=source.vision_feature_layer,
             vision_feature_select={"default": "drop_first", "full": "full"}[source.vision_feature_select_strategy],
@@ -397,8 +394,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         if empty:
             raise ValueError(
                 f"Sample(s) {empty} have no tokens for the decoder to read"
-                + (" (with himix, a prompt needs at least one text token besides <image>, e.g. BOS)." if
-                   self.config.decoder == "himix" else ".")
+                + ("." if DECODERS[self.config.decoder].keeps_vision_tokens else
+                   f" (with {self.config.decoder}, a prompt needs at least one text token besides <image>, e.g. BOS).")
             )
         return inputs
 

@@ -16,6 +16,7 @@ import yaml
 
 from leanvlm.config import LeanVLMConfig
 from leanvlm.data.templates import TEMPLATES
+from leanvlm.decoders import DECODERS
 from leanvlm.train.recipe import NEW, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,7 +202,9 @@ def test_group_table_matches_the_decoders():
         "proxyv": {"image_newline": True, "proxyv_proxy_init": "learned", "proxyv_start_layer": 1,
                    "proxyv_reduce_factor": 2},
     }
+    assert set(POLICY_GROUPS) == set(DECODERS)
     for decoder, groups in POLICY_GROUPS.items():
+        assert set(DECODERS[decoder].groups) == groups, decoder
         model = build(decoder, **options[decoder])
         assert set(model.decoder.parameter_groups()) == groups, decoder
         assert set(model.parameter_groups()) == groups | PARTS, decoder

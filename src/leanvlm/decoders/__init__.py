@@ -1,8 +1,12 @@
-"""Decoder policies, by exact name. Adding one is a new file here plus one entry in `DECODERS`."""
+"""Decoder policies, by exact name. Adding one is a new file here plus one entry in `DECODERS`: the policy class
+carries its name, options, parameter groups, initialisation and cost, and config checks, recipes, the CLI, FLOPs,
+benchmarks and the contract tests all read them from here."""
 
 from __future__ import annotations
 
-from leanvlm.decoders.base import DecoderPolicy, ImageContext
+from dataclasses import fields
+
+from leanvlm.decoders.base import DecoderPolicy, ImageContext, PolicyOptions, Preset
 from leanvlm.decoders.cache import KVCache
 from leanvlm.decoders.himix import HiMixDecoder
 from leanvlm.decoders.proxyv import ProxyVDecoder
@@ -13,6 +17,8 @@ DECODERS: dict[str, type[DecoderPolicy]] = {
     HiMixDecoder.name: HiMixDecoder,
     ProxyVDecoder.name: ProxyVDecoder,
 }
+# The reference every report compares against: LLaVA decoding with all tokens in every layer.
+BASELINE = VanillaDecoder.name
 
 
 def check_decoder_name(name: str) -> None:
@@ -20,9 +26,30 @@ def check_decoder_name(name: str) -> None:
         raise ValueError(f"Unknown decoder {name!r}; available decoders: {', '.join(DECODERS)}.")
 
 
+def option_names(policy: type[DecoderPolicy]) -> list[str]:
+    return [option.name for option in fields(policy.Options)]
+
+
+def all_option_names() -> list[str]:
+    """Every registered policy's option names, each once."""
+    return list(dict.fromkeys(name for policy in DECODERS.values() for name in option_names(policy)))
+
+
 def build_decoder(config, language_model) -> DecoderPolicy:
     check_decoder_name(config.decoder)
     return DECODERS[config.decoder](config, language_model)
 
 
-__all__ = ["DECODERS", "DecoderPolicy", "ImageContext", "KVCache", "build_decoder", "check_decoder_name"]
+__all__ = [
+    "BASELINE",
+    "DECODERS",
+    "DecoderPolicy",
+    "ImageContext",
+    "KVCache",
+    "PolicyOptions",
+    "Preset",
+    "all_option_names",
+    "build_decoder",
+    "check_decoder_name",
+    "option_names",
+]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from leanvlm.decoders.cost import PrefillShape
 from leanvlm.decoders.layer import layer_forward
 
 IGNORE_INDEX = -100
@@ -84,12 +86,65 @@ class DecoderInputs:
     vision_grid: tuple[int, int] | None = None  # (rows, cols) patch grid of one crop's tokens, when they form one
 
 
-class DecoderPolicy(nn.Module):
-    """A way of running the language decoder over text and vision tokens. Subclasses own their trainable
-    vision-side modules (as submodules), how images become an `ImageContext`, how a batch is laid out, and their
-    attention mask."""
+@dataclass
+class PolicyOptions:
+    """A policy's own fields of `LeanVLMConfig`, with the same names and defaults. Subclasses add fields."""
 
-    name: str = ""
+    def resolved(self, num_layers: int) -> PolicyOptions:
+        """Check the values (a ValueError names the option and what it accepts) and fill in what depends on the
+        language model's depth; returns the options to use."""
+        return self
+
+    def changed(self) -> list[str]:
+        """Names of the options set away from their defaults."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != _default(f)]
+
+
+def _default(option) -> object:
+    return option.default if option.default_factory is MISSING else option.default_factory()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named option set a policy declares: the contract tests run each one, users can name it in `compare`."""
+
+    options: dict
+    # False where the analytic count is what the variant could save rather than what leanvlm's code computes
+    flops_exact: bool = True
+
+
+class DecoderPolicy(nn.Module):
+    """A way of running the language decoder over text and vision tokens. A subclass owns everything about itself:
+    its name, options and their checks, its trainable vision-side modules (as submodules) with their parameter groups
+    and initialisation, how images become an `ImageContext`, how a batch is laid out, its attention mask, and its
+    analytic cost. Registering it in `leanvlm.decoders.DECODERS` is all the rest of leanvlm needs."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PolicyOptions]] = PolicyOptions
+    options_are: ClassVar[str] = "options of this decoder"  # how an error names these options
+    groups: ClassVar[tuple[str, ...]] = ()  # every parameter group the policy may create
+    keeps_vision_tokens: ClassVar[bool] = True  # vision tokens hold sequence positions (and may get newlines)
+    presets: ClassVar[dict[str, Preset]] = {}
+
+    @classmethod
+    def options_from(cls, config) -> PolicyOptions:
+        return cls.Options(**{f.name: getattr(config, f.name) for f in fields(cls.Options)})
+
+    @classmethod
+    def feature_layers(cls, config) -> list[int]:
+        """Vision-encoder hidden-state indices the policy consumes."""
+        return [config.vision_feature_layer]
+
+    @classmethod
+    def prefill_macs(cls, shape: PrefillShape, options: PolicyOptions) -> tuple[dict[str, float], int]:
+        """Multiply-accumulates of one sample's prefill by part, and the number of sequence positions (for an
+        lm_head counted on every position). A "connector" part is dropped by conventions that do not count it."""
+        raise NotImplementedError
+
+    def init_module(self, module: nn.Module) -> bool:
+        """Initialise the raw parameters of one of this policy's modules (Linear and RMSNorm layers are initialised
+        as the LLM's own); True when it did."""
+        return False
 
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Vision-encoder features {encoder layer: (n_images, N, d_v)} -> `ImageContext.tokens`."""

@@ -4,6 +4,9 @@ text queries see ("mixture attention"). Text positions count text tokens only; v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -13,10 +16,13 @@ from leanvlm.decoders.base import (
     DecoderInputs,
     DecoderPolicy,
     ImageContext,
+    PolicyOptions,
+    Preset,
     VisionPrefix,
     left_pad,
     positions_from_valid,
 )
+from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
 from leanvlm.decoders.llm import decoder_layers, kv_layout
 
 
@@ -39,8 +45,50 @@ def feature_layer_per_decoder_layer(feature_layers: list[int], num_layers: int) 
     return [feature_layers[i * len(feature_layers) // num_layers] for i in range(num_layers)]
 
 
+@dataclass
+class HiMixOptions(PolicyOptions):
+    """`himix_feature_layers`: vision-encoder layers mapped onto consecutive groups of decoder layers (None =
+    `vision_feature_layer` for every decoder layer, as in the paper)."""
+
+    himix_feature_layers: list[int] | None = None
+
+    def resolved(self, num_layers: int) -> HiMixOptions:
+        if self.himix_feature_layers is not None:
+            layers = list(self.himix_feature_layers)
+            if not layers or not all(isinstance(x, int) for x in layers):
+                raise ValueError(f"himix_feature_layers must be a non-empty list of ints, got {layers!r}.")
+            if len(layers) > num_layers:
+                raise ValueError(
+                    f"himix_feature_layers has {len(layers)} entries but the language model has only {num_layers} "
+                    "decoder layers to map them onto."
+                )
+        return self
+
+
 class HiMixDecoder(DecoderPolicy):
     name = "himix"
+    Options = HiMixOptions
+    options_are = "a himix option"
+    groups = ("vision_kv",)
+    keeps_vision_tokens = False  # vision keys are a position-free set: no layout, no newline
+    presets: ClassVar[dict[str, Preset]] = {"two_feature_layers": Preset({"himix_feature_layers": [-2, -1]})}
+
+    @classmethod
+    def feature_layers(cls, config) -> list[int]:
+        if config.himix_feature_layers is not None:
+            return list(config.himix_feature_layers)
+        return [config.vision_feature_layer]
+
+    @classmethod
+    def prefill_macs(cls, shape: PrefillShape, options: HiMixOptions) -> tuple[dict[str, float], int]:
+        """Text rows only; every layer's text queries also read n vision keys, made by that layer's K/V."""
+        llm, n, m = shape.llm, shape.vision_tokens, shape.text_tokens
+        cost = LayerCost(llm)
+        pairs = m * (n + m) if shape.full_attention else m * n + causal_pairs(m)
+        for _ in range(llm.layers):
+            cost.layer(m, m, pairs)
+        cost.add("vision_kv", llm.layers * n * 2 * shape.vision_width * llm.kv_width)
+        return cost.macs, m
 
     def __init__(self, config, language_model: nn.Module):
         super().__init__()

@@ -11,17 +11,23 @@ and decoding uses plain layers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
 
-from leanvlm.decoders.base import DecoderInputs, left_pad
+from leanvlm.decoders.base import DecoderInputs, PolicyOptions, Preset, left_pad
+from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
 from leanvlm.decoders.layer import attention_update, project_qkv
 from leanvlm.decoders.llm import decoder_layers, sliding_window
-from leanvlm.decoders.vanilla import VanillaDecoder
+from leanvlm.decoders.vanilla import VanillaDecoder, VanillaOptions
 
 FULL, PROXY, REST = 0, 1, 2  # token kinds in the mask builder
 
@@ -107,8 +113,37 @@ def build_proxy_mask(
     return visible[:, None]
 
 
+@dataclass
+class ProxyVOptions(PolicyOptions):
+    """From decoder layer `proxyv_start_layer` (None = the middle layer) on, proxy tokens (each crop's grid reduced
+    `proxyv_reduce_factor` times per side) replace the full vision tokens as queries and in the FFN; the full tokens
+    get a per-layer guided update MLP of width `proxyv_mlp_width` (None = d/4 if d >= 1024 else d/2). Proxies are
+    "spatial" (bilinear down-sampling) or "learned" (learnable queries)."""
+
+    proxyv_start_layer: int | None = None
+    proxyv_reduce_factor: int = 4
+    proxyv_proxy_init: str = "spatial"
+    proxyv_mlp_width: int | None = None
+
+    def resolved(self, num_layers: int) -> ProxyVOptions:
+        start = num_layers // 2 if self.proxyv_start_layer is None else self.proxyv_start_layer
+        if not 0 <= start <= num_layers:
+            raise ValueError(f"proxyv_start_layer={start} must be in 0..{num_layers} (the number of layers).")
+        if self.proxyv_reduce_factor < 1:
+            raise ValueError(f"proxyv_reduce_factor must be >= 1, got {self.proxyv_reduce_factor}.")
+        if self.proxyv_proxy_init not in ("spatial", "learned"):
+            raise ValueError(f"proxyv_proxy_init={self.proxyv_proxy_init!r} is not 'spatial' or 'learned'.")
+        if self.proxyv_mlp_width is not None and self.proxyv_mlp_width < 1:
+            raise ValueError(f"proxyv_mlp_width must be >= 1 (or None for the default), got {self.proxyv_mlp_width}.")
+        return dataclasses.replace(self, proxyv_start_layer=start)
+
+
 class ProxyVDecoder(VanillaDecoder):
     name = "proxyv"
+    Options = ProxyVOptions
+    options_are = "proxyv options"
+    groups = ("connector", "image_newline", "vision_mlps", "proxy_init")
+    presets: ClassVar[dict[str, Preset]] = {"learned_proxies": Preset({"proxyv_proxy_init": "learned"})}
 
     def __init__(self, config, language_model: nn.Module):
         super().__init__(config, language_model)
@@ -128,6 +163,37 @@ class ProxyVDecoder(VanillaDecoder):
             self.learned_tokens_per_crop = side * side
             rows, cols = proxy_grid((side, side), self.factor)
             self.proxy_init = ProxyInitializer(width, inner, rows * cols)
+
+    def init_module(self, module: nn.Module) -> bool:
+        if module is self.proxy_init:
+            init.normal_(module.queries, std=(4 * module.queries.shape[1]) ** -0.5)
+            return True
+        return super().init_module(module)
+
+    @classmethod
+    def prefill_macs(cls, shape: PrefillShape, options: ProxyVOptions) -> tuple[dict[str, float], int]:
+        llm, n, m, crops = shape.llm, shape.vision_tokens, shape.text_tokens, shape.crops
+        d, layers = llm.hidden, llm.layers
+        start = min(options.proxyv_start_layer, layers)
+        cost = LayerCost(llm)
+        cls.dense_layers(cost, shape, start, VanillaOptions())
+        if start < layers:
+            side = math.isqrt(n // crops)  # square grids as `proxy_grid` sizes them; otherwise an estimate
+            per_crop = (max(1, side // options.proxyv_reduce_factor) ** 2 if side * side == n // crops
+                        else max(1, n // crops // options.proxyv_reduce_factor**2))
+            proxies = per_crop * crops
+            inner = proxyv_inner_width(d, options.proxyv_mlp_width)
+            q, k = proxies + m, n + proxies + m
+            pairs = q * k if shape.full_attention else causal_pairs(proxies) + m * n + causal_pairs(m)
+            for _ in range(start, layers):
+                cost.layer(q, k, pairs)
+            per_layer = n * (d * inner + 2 * inner * inner + inner * d) + proxies * d * inner
+            cost.add("vision_mlps", (layers - start) * per_layer)
+            if options.proxyv_proxy_init == "learned":
+                cost.add("vision_mlps", (layers - start) * n * per_crop * inner)  # spreading the guide
+                cost.add("proxy_init", n * d * inner + proxies * (n // crops) * (inner + d))  # keys, logits, pooling
+        cost.add("connector", cls.connector_macs(shape))
+        return cost.macs, n + m
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = super().parameter_groups()

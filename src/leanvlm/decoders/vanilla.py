@@ -4,9 +4,13 @@ every decoder layer with a causal mask."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from leanvlm.decoders.attention import CAUSAL, build_mask
 from leanvlm.decoders.base import (
@@ -14,9 +18,12 @@ from leanvlm.decoders.base import (
     DecoderInputs,
     DecoderPolicy,
     ImageContext,
+    PolicyOptions,
+    Preset,
     positions_from_valid,
 )
 from leanvlm.decoders.connector import build_connector
+from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
 from leanvlm.decoders.layer import attention_update, project_qkv
 from leanvlm.decoders.llm import decoder_layers
 
@@ -36,8 +43,43 @@ class LightVisionMLP(nn.Module):
         return self.norm(self.fc2(F.silu(self.fc1(self.input_proj(hidden)))) + hidden)
 
 
+@dataclass
+class VanillaOptions(PolicyOptions):
+    """Redundancy probes (None = off), each from the given decoder layer on: vision queries cannot see vision keys;
+    vision tokens take no attention update; vision tokens skip the FFN, or with `probe_vision_light_mlp` skip
+    attention and FFN for a trainable d -> d/4 -> d/4 -> d MLP (residual + RMSNorm)."""
+
+    probe_mask_vision_to_vision_from_layer: int | None = None
+    probe_skip_vision_attention_from_layer: int | None = None
+    probe_skip_vision_ffn_from_layer: int | None = None
+    probe_vision_light_mlp: bool = False
+
+    def resolved(self, num_layers: int) -> VanillaOptions:
+        for name in ("probe_mask_vision_to_vision_from_layer", "probe_skip_vision_attention_from_layer",
+                     "probe_skip_vision_ffn_from_layer"):
+            layer = getattr(self, name)
+            if layer is not None and layer < 0:
+                raise ValueError(f"{name} must be a layer index >= 0, got {layer}.")
+        if self.probe_vision_light_mlp and self.probe_skip_vision_ffn_from_layer is None:
+            raise ValueError("probe_vision_light_mlp replaces attention + FFN of the vision tokens from "
+                             "probe_skip_vision_ffn_from_layer on; set that layer too.")
+        return self
+
+
 class VanillaDecoder(DecoderPolicy):
     name = "vanilla"
+    Options = VanillaOptions
+    options_are = "probes of the vanilla decoder"
+    groups = ("connector", "image_newline", "probe_light_mlps")
+    # Probes from layer 1 exist at any depth. Their analytic count is what skipping the vision rows would save;
+    # leanvlm's probes compute those rows and discard them, so counted and measured FLOPs differ on purpose.
+    presets: ClassVar[dict[str, Preset]] = {
+        "probe_mask_vision_to_vision": Preset({"probe_mask_vision_to_vision_from_layer": 1}, flops_exact=False),
+        "probe_skip_vision_attention": Preset({"probe_skip_vision_attention_from_layer": 1}, flops_exact=False),
+        "probe_skip_vision_ffn": Preset({"probe_skip_vision_ffn_from_layer": 1}, flops_exact=False),
+        "probe_light_mlp": Preset({"probe_skip_vision_ffn_from_layer": 1, "probe_vision_light_mlp": True},
+                                  flops_exact=False),
+    }
 
     def __init__(self, config, language_model: nn.Module):
         super().__init__()
@@ -72,6 +114,51 @@ class VanillaDecoder(DecoderPolicy):
         if self.light_mlps is not None:
             groups["probe_light_mlps"] = list(self.light_mlps.parameters())
         return groups
+
+    def init_module(self, module: nn.Module) -> bool:
+        if module is self and self.image_newline is not None:  # LLaVA-NeXT's init for the newline: N(0, 1/d)
+            init.normal_(self.image_newline, std=self.image_newline.shape[0] ** -0.5)
+            return True
+        return False
+
+    @classmethod
+    def prefill_macs(cls, shape: PrefillShape, options: VanillaOptions) -> tuple[dict[str, float], int]:
+        cost = LayerCost(shape.llm)
+        cls.dense_layers(cost, shape, shape.llm.layers, options)
+        cost.add("connector", cls.connector_macs(shape))
+        return cost.macs, shape.vision_tokens + shape.text_tokens
+
+    @staticmethod
+    def connector_macs(shape: PrefillShape) -> int:
+        """mlp2x_gelu: vision width -> d -> d on every vision token."""
+        return shape.vision_tokens * (shape.vision_width * shape.llm.hidden + shape.llm.hidden**2)
+
+    @staticmethod
+    def dense_layers(cost: LayerCost, shape: PrefillShape, layers: int, probes: VanillaOptions) -> None:
+        """The first `layers` layers over all n + m tokens, with what the active probes would save."""
+        n, m, d = shape.vision_tokens, shape.text_tokens, shape.llm.hidden
+        t = n + m
+        full = shape.full_attention
+        dense_pairs = t * t if full else causal_pairs(t)
+        vision_query_pairs = n * t if full else causal_pairs(n)  # vision queries (image first)
+        vision_vision_pairs = n * n if full else causal_pairs(n)
+        light_from = probes.probe_skip_vision_ffn_from_layer if probes.probe_vision_light_mlp else None
+
+        def active(start: int | None, index: int) -> bool:
+            return start is not None and index >= start
+
+        for index in range(layers):
+            rows_q, pairs, rows_ffn = t, dense_pairs, t
+            if active(probes.probe_skip_vision_attention_from_layer, index) or active(light_from, index):
+                rows_q, pairs = m, pairs - vision_query_pairs
+            elif active(probes.probe_mask_vision_to_vision_from_layer, index):
+                pairs -= vision_vision_pairs
+            if active(probes.probe_skip_vision_ffn_from_layer, index):
+                rows_ffn = m
+            if active(light_from, index):
+                quarter = d // 4
+                cost.add("probe_light_mlps", n * (2 * d * quarter + quarter**2))
+            cost.layer(rows_q, t, pairs, rows_ffn)
 
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.connector(features[self.feature_layer])  # (n_images, N, d)

@@ -16,49 +16,11 @@ q and o projections (ProxyV's Table 1 keeps o counted).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 
-from leanvlm.decoders.proxyv import proxyv_inner_width
-
-DECODERS = ("vanilla", "himix", "proxyv")
-
-
-@dataclass(frozen=True)
-class LLMShape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-
-    @property
-    def q_width(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @classmethod
-    def from_config(cls, config) -> LLMShape:
-        """From a Hugging Face text config (object or dict); a leanvlm config contributes its text_config."""
-        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-        if get("text_config") is not None:
-            return cls.from_config(get("text_config"))
-        hidden, heads = get("hidden_size"), get("num_attention_heads")
-        return cls(
-            hidden=hidden,
-            layers=get("num_hidden_layers"),
-            heads=heads,
-            kv_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or hidden // heads,
-            ffn=get("intermediate_size"),
-            vocab=get("vocab_size"),
-        )
+from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
+from leanvlm.decoders.cost import LLMShape, PrefillShape
 
 
 @dataclass(frozen=True)
@@ -129,109 +91,44 @@ def resolve_vision(name) -> VisionShape:
     return VISION_PRESETS[name]
 
 
-def _causal_pairs(n: int) -> int:
-    return n * (n + 1) // 2
-
-
 def decoder_flops(
     llm,
     vision,
     text_tokens: int,
-    decoder: str = "vanilla",
+    decoder: str = BASELINE,
     *,
     vision_tokens: int | None = None,
     crops: int = 1,
     convention: str | Convention = "prefill",
-    proxyv_start_layer: int | None = None,
-    proxyv_reduce_factor: int = 4,
-    proxyv_mlp_width: int | None = None,
-    proxyv_proxy_init: str = "spatial",
-    probe_mask_vision_to_vision_from_layer: int | None = None,
-    probe_skip_vision_attention_from_layer: int | None = None,
-    probe_skip_vision_ffn_from_layer: int | None = None,
-    probe_vision_light_mlp: bool = False,
+    **options,
 ) -> dict:
     """Prefill FLOPs of the language decoder for one sample.
 
-    text_tokens: every non-vision token in the sequence (text, and crop newlines for vanilla/proxyv).
+    text_tokens: every non-vision token in the sequence (text, and crop newlines for policies that add them).
     vision_tokens: all vision tokens of the sample (default: the encoder's tokens x crops); each crop holds
-    vision_tokens / crops of them. Returns {"total_flops", "breakdown", "tokens", "convention"}.
+    vision_tokens / crops of them. `options` are decoder options (`LeanVLMConfig` fields, e.g.
+    proxyv_start_layer=12); those of other decoders are ignored, so one set of settings serves every decoder.
+    Returns {"total_flops", "breakdown", "tokens", "convention"}.
     """
     llm, vision = resolve_llm(llm), resolve_vision(vision)
     conv = CONVENTIONS[convention] if isinstance(convention, str) else convention
-    if decoder not in DECODERS:
-        raise ValueError(f"Unknown decoder {decoder!r}; available decoders: {', '.join(DECODERS)}.")
-    if proxyv_start_layer is not None and proxyv_start_layer < 0:
-        raise ValueError(f"proxyv_start_layer must be >= 0, got {proxyv_start_layer}.")
+    check_decoder_name(decoder)
+    unknown = sorted(set(options) - set(all_option_names()))
+    if unknown:
+        raise TypeError(f"Unknown decoder option(s) {unknown}; the decoders' options are {all_option_names()}.")
+    policy = DECODERS[decoder]
+    own = policy.Options(**{name: options[name] for name in option_names(policy) if name in options})
     n = vision.tokens * crops if vision_tokens is None else vision_tokens
-    m, d, layers = text_tokens, llm.hidden, llm.layers
-    macs: dict[str, float] = {"qo": 0, "kv": 0, "attention": 0, "ffn": 0}
-
-    def layer(rows_q: int, rows_kv: int, pairs: int, rows_ffn: int | None = None) -> None:
-        macs["qo"] += rows_q * 2 * d * llm.q_width
-        macs["kv"] += rows_kv * 2 * d * llm.kv_width
-        macs["attention"] += 2 * pairs * llm.q_width  # QK^T and AV
-        macs["ffn"] += (rows_q if rows_ffn is None else rows_ffn) * 3 * d * llm.ffn
-
-    full = conv.attention == "full"
-    if decoder == "himix":
-        pairs = m * (n + m) if full else m * n + _causal_pairs(m)
-        for _ in range(layers):
-            layer(m, m, pairs)
-        macs["vision_kv"] = layers * n * 2 * vision.width * llm.kv_width
-        positions = m
-    else:
-        t = n + m
-        dense_pairs = t * t if full else _causal_pairs(t)
-        start = layers if decoder == "vanilla" else min(proxyv_start_layer if proxyv_start_layer is not None
-                                                         else layers // 2, layers)
-        probes = {
-            "mask": probe_mask_vision_to_vision_from_layer,
-            "attention": probe_skip_vision_attention_from_layer,
-            "ffn": probe_skip_vision_ffn_from_layer,
-        }
-        light_from = probes["ffn"] if probe_vision_light_mlp else None
-        vision_query_pairs = n * t if full else _causal_pairs(n)  # vision queries (image first)
-        vision_vision_pairs = n * n if full else _causal_pairs(n)
-        for index in range(start):
-            rows_q, pairs, rows_ffn = t, dense_pairs, t
-            if decoder == "vanilla":
-                active = {k: v is not None and index >= v for k, v in probes.items()}
-                no_attention = active["attention"] or (light_from is not None and index >= light_from)
-                if no_attention:
-                    rows_q, pairs = m, pairs - vision_query_pairs
-                elif active["mask"]:
-                    pairs -= vision_vision_pairs
-                if active["ffn"]:
-                    rows_ffn = m
-                if light_from is not None and index >= light_from:
-                    quarter = d // 4
-                    macs["probe_light_mlps"] = macs.get("probe_light_mlps", 0) + n * (2 * d * quarter + quarter**2)
-            layer(rows_q, t, pairs, rows_ffn)
-        if start < layers:  # proxyv layers
-            side = math.isqrt(n // crops)  # square grids as `proxyv.proxy_grid` sizes them; otherwise an estimate
-            per_crop = (max(1, side // proxyv_reduce_factor) ** 2 if side * side == n // crops
-                        else max(1, n // crops // proxyv_reduce_factor**2))
-            proxies = per_crop * crops
-            inner = proxyv_inner_width(d, proxyv_mlp_width)
-            q, k = proxies + m, n + proxies + m
-            pairs = q * k if full else _causal_pairs(proxies) + m * n + _causal_pairs(m)
-            for _ in range(start, layers):
-                layer(q, k, pairs)
-            per_layer = n * (d * inner + 2 * inner * inner + inner * d) + proxies * d * inner
-            macs["vision_mlps"] = (layers - start) * per_layer
-            if proxyv_proxy_init == "learned":
-                macs["vision_mlps"] += (layers - start) * n * per_crop * inner  # spreading the guide
-                macs["proxy_init"] = n * d * inner + proxies * (n // crops) * (inner + d)  # keys, logits, pooling
-        if conv.connector:
-            macs["connector"] = n * (vision.width * d + d * d)
-        positions = t
-    macs["lm_head"] = {"all": positions, "last": 1, "none": 0}[conv.lm_head] * d * llm.vocab
+    shape = PrefillShape(llm, vision.width, n, text_tokens, crops, full_attention=conv.attention == "full")
+    macs, positions = policy.prefill_macs(shape, own.resolved(llm.layers))
+    if not conv.connector:
+        macs.pop("connector", None)
+    macs["lm_head"] = {"all": positions, "last": 1, "none": 0}[conv.lm_head] * llm.hidden * llm.vocab
     breakdown = {key: 2 * value for key, value in macs.items()}
     return {
         "total_flops": sum(breakdown.values()),
         "breakdown": breakdown,
-        "tokens": {"vision": n, "text": m, "crops": crops},
+        "tokens": {"vision": n, "text": text_tokens, "crops": crops},
         "convention": asdict(conv),
     }
 

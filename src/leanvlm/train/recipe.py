@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import yaml
 
-# "new" names every parameter group the decoder policy adds; the other groups are "language_model" and
-# "vision_model". (proxy_init exists only with learned proxies.)
+from leanvlm.decoders import DECODERS
+from leanvlm.decoders.himix import HiMixDecoder
+
+# "new" names every parameter group the decoder policy adds (its `groups`; some exist only with certain options,
+# e.g. ProxyV's proxy_init with learned proxies); the other groups are "language_model" and "vision_model".
 NEW = "new"
-POLICY_GROUPS = {"vanilla": ("connector",), "himix": ("vision_kv",),
-                 "proxyv": ("connector", "vision_mlps", "proxy_init")}
 SHARED_GROUPS = ("language_model", "vision_model")
 
 
@@ -20,7 +21,7 @@ SHARED_GROUPS = ("language_model", "vision_model")
 class ModelSpec:
     language_model: str = "smollm2-135m"  # a packaged part or a Hugging Face directory
     vision_model: str = "dinov2-s14"
-    decoder: str = "himix"
+    decoder: str = HiMixDecoder.name
     options: dict = field(default_factory=dict)  # LeanVLMConfig fields (feature layer, proxyv_start_layer, ...)
     init_from: str | None = None  # a saved leanvlm model to start from instead of the two parts
 
@@ -158,9 +159,10 @@ def check_recipe(recipe: Recipe, where: str) -> None:
     if recipe.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"{where}: mixed_precision must be no, bf16 or fp16, got {recipe.mixed_precision!r}.")
     decoder = recipe.model.decoder
-    if decoder not in POLICY_GROUPS:
-        raise ValueError(f"{where}: model.decoder must be one of {', '.join(POLICY_GROUPS)}, got {decoder!r}.")
-    known = (NEW, *POLICY_GROUPS[decoder], *SHARED_GROUPS)
+    if decoder not in DECODERS:
+        raise ValueError(f"{where}: model.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}.")
+    policy_groups = DECODERS[decoder].groups
+    known = (NEW, *policy_groups, *SHARED_GROUPS)
     if recipe.log_every < 1 or recipe.keep_last < 1 or recipe.save_every < 0:
         raise ValueError(f"{where}: log_every and keep_last must be >= 1 and save_every >= 0.")
     names = [stage.name for stage in recipe.stages]
@@ -179,7 +181,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
             except (TypeError, ValueError):
                 raise ValueError(f"{at}: the learning rate of {group!r} must be a number, got {value!r}.") from None
         missing = [group for group in stage.train
-                   if group not in stage.lr and not (group in (NEW, *POLICY_GROUPS[decoder]) and NEW in stage.lr)]
+                   if group not in stage.lr and not (group in (NEW, *policy_groups) and NEW in stage.lr)]
         if missing:
             raise ValueError(f"{at}: no learning rate for {missing}; add them under 'lr'.")
         if "vision_model" in stage.train and recipe.features is not None:
