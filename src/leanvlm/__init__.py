@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from leanvlm.config import IMAGE_TOKEN, LeanVLMConfig
 from leanvlm.decoders import DECODERS, ImageContext, KVCache
+from leanvlm.generation import SamplingParams, generate_steps
 from leanvlm.modeling import LeanVLMForConditionalGeneration, LeanVLMOutput
 from leanvlm.processing import LeanVLMProcessor
 
@@ -21,5 +22,7 @@ __all__ = [
     "LeanVLMForConditionalGeneration",
     "LeanVLMOutput",
     "LeanVLMProcessor",
+    "SamplingParams",
     "__version__",
+    "generate_steps",
 ]

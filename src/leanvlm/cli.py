@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from leanvlm.config import VISION_FEATURE_SELECTS
-from leanvlm.decoders import DECODERS
+from leanvlm.decoders import BASELINE, DECODERS
 from leanvlm.measure.flops import CONVENTIONS, VISION_PRESETS
 
 app = typer.Typer(help="Vision-language models that spend little decoder compute on vision tokens.")
@@ -118,7 +118,7 @@ def flops(
     text_tokens: int = typer.Option(..., min=1, help="Non-vision tokens in the prompt (text, and crop newlines)."),
     vision_tokens: int = typer.Option(None, min=1, help="Vision tokens in the sample (default: encoder's x crops)."),
     crops: int = typer.Option(1, min=1, help="Crops per image."),
-    decoder: str = typer.Option("vanilla", help="Decoder for the JSON output.", **one_of(DECODERS)),
+    decoder: str = typer.Option(BASELINE, help="Decoder for the JSON output.", **one_of(DECODERS)),
     proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
     proxyv_reduce_factor: int = typer.Option(4, min=1, help="ProxyV grid reduction per side."),
     convention: str = typer.Option("prefill", help="Counting convention (leanvlm.measure.flops explains them).",
@@ -178,8 +178,9 @@ def bench(
         resolve_llm(llm)
     settings = BenchSettings(llm=llm, vision=vision, decoders=list(decoder), text_tokens=text_tokens, crops=crops,
                              batch=batch, dtype=dtype, device=device, repeats=repeats, warmup=warmup,
-                             decode_steps=decode_steps, proxyv_start_layer=proxyv_start_layer,
-                             proxyv_reduce_factor=proxyv_reduce_factor, train=train,
+                             decode_steps=decode_steps, train=train,
+                             options={"proxyv_start_layer": proxyv_start_layer,
+                                      "proxyv_reduce_factor": proxyv_reduce_factor},
                              model=str(model) if model else None)
     console = Console()
     with Progress(console=console, transient=True) as progress:
@@ -194,7 +195,7 @@ def bench(
 @user_errors()
 def demo(
     out: Path = typer.Option(Path("leanvlm-demo"), help="Output directory (model, demo.json, the new image)."),
-    decoder: str = typer.Option("himix", help="Decoder to train.", **one_of(DECODERS)),
+    decoder: str = typer.Option(None, help="Decoder to train (default: the demo recipe's).", **one_of(DECODERS)),
     seed: int = typer.Option(0, help="Seed of the data, the initialisation and the data order."),
     train_samples: int = typer.Option(3000, "--train", min=16, help="ShapesVQA training samples."),
     val_samples: int = typer.Option(200, "--val", min=1, help="ShapesVQA validation samples."),

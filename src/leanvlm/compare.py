@@ -9,15 +9,18 @@ import time
 
 import yaml
 
+from leanvlm.decoders import BASELINE, DECODERS
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
-    """"proxyv" or "vanilla+probe_skip_vision_ffn_from_layer=15+..." -> (label, decoder, LeanVLMConfig options)."""
+    """A decoder name, optionally with options: `NAME+key=value+...` (e.g. `proxyv+proxyv_start_layer=12`) ->
+    (label, decoder, LeanVLMConfig options)."""
     decoder, *settings = text.split("+")
-    if decoder not in ("vanilla", "himix", "proxyv"):
-        raise ValueError(f"{text!r}: a variant starts with vanilla, himix or proxyv.")
+    if decoder not in DECODERS:
+        *others, last = DECODERS
+        raise ValueError(f"{text!r}: a variant starts with {', '.join(others)} or {last}.")
     options = {}
     for setting in settings:
         if "=" not in setting:
@@ -104,7 +107,7 @@ def run_compare(out: str, variants: list[str], seed: int = 0, train: int = 3000,
 
 def markdown(report: dict) -> str:
     results = report["results"]
-    baseline = results.get("vanilla")
+    baseline = results.get(BASELINE)
     families = sorted({f for r in results.values() for f in r["families"]})
     header = ["variant", "accuracy", "vs vanilla", "decoder GFLOPs", "vs vanilla", "prefill ms",
               "train s/step", *families]

@@ -12,6 +12,7 @@ from importlib import resources
 
 import yaml
 
+from leanvlm.decoders import BASELINE
 from leanvlm.reports import write_json
 from leanvlm.train.recipe import Recipe, apply_override, recipe_from_dict
 
@@ -38,12 +39,15 @@ def data_dir(seed: int, train: int, val: int, test: int) -> str:
     return target
 
 
-def demo_recipe(data: str, output_dir: str, decoder: str, overrides: list[str] = (), **model_options) -> Recipe:
-    """The packaged demo recipe on `data`, writing to `output_dir`, for `decoder`, then `overrides`."""
+def demo_recipe(data: str, output_dir: str, decoder: str | None, overrides: list[str] = (),
+                **model_options) -> Recipe:
+    """The packaged demo recipe on `data`, writing to `output_dir`, for `decoder` (None: the recipe's own), then
+    `overrides`."""
     text = resources.files("leanvlm.train").joinpath("recipes", DEMO_RECIPE).read_text()
     raw = yaml.safe_load(text)
     raw["output_dir"] = output_dir
-    raw["model"]["decoder"] = decoder
+    if decoder is not None:
+        raw["model"]["decoder"] = decoder
     raw["model"]["options"] = dict(model_options)
     # One feature cache per data set, shared by every run on it.
     raw["features"] = os.path.join(data, "features")
@@ -116,8 +120,8 @@ class Timer:
         return round(time.perf_counter() - self.started, 1)
 
 
-def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: int = 350, decoder: str = "himix",
-             overrides: list[str] = (), console=None) -> dict:
+def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: int = 350,
+             decoder: str | None = None, overrides: list[str] = (), console=None) -> dict:
     """Data -> parts -> two-stage training -> test accuracy per family -> FLOPs against vanilla -> a new question.
     Writes <out>/demo.json and the model to <out>/run/model; returns the report."""
     import torch
@@ -138,6 +142,7 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
         for part in ("smollm2-135m", "dinov2-s14"):
             pretrained_part(part)
     recipe = demo_recipe(data, os.path.join(out, "run"), decoder, overrides)
+    decoder = recipe.model.decoder
     with timer.phase("train"):
         trainer = Trainer(recipe)
         summary = trainer.run()
@@ -148,7 +153,7 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
     text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
                                                 template=processor.template))
     flops = {name: flops_per_sample(name, text_tokens, model.config if name == decoder else None)["total_flops"]
-             for name in dict.fromkeys([decoder, "vanilla"])}
+             for name in dict.fromkeys([decoder, BASELINE])}
     question = new_question(out, seed + 1_000_003)
     question["prediction"] = ask(model, processor, question)
     report = {

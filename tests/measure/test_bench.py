@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_bench_reports_every_metric_for_every_decoder(tiny_model_dir, tmp_path):
     settings = BenchSettings(model=str(tiny_model_dir), text_tokens=8, repeats=2, warmup=1, decode_steps=3,
-                             proxyv_start_layer=1, proxyv_reduce_factor=2, dtype="float32")
+                             options={"proxyv_start_layer": 1, "proxyv_reduce_factor": 2}, dtype="float32")
     seen = []
     report = run_bench(settings, progress=seen.append)
     assert "vanilla: warm-up" in seen and "himix: repeat 2" in seen

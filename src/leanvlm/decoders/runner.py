@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from leanvlm.decoders.base import DecoderInputs, DecoderPolicy
-from leanvlm.decoders.cache import KVCache
+from leanvlm.decoders.cache import DecoderCache
 from leanvlm.decoders.llm import decoder_layers, sliding_window
 
 
@@ -20,7 +20,7 @@ class DecoderRun:
         language_model: nn.Module,
         policy: DecoderPolicy,
         inputs: DecoderInputs,
-        cache: KVCache | None,
+        cache: DecoderCache | None,
         gradient_checkpointing: bool,
         output_hidden_states: bool,
     ):
@@ -81,7 +81,7 @@ def run_decoder(
     language_model: nn.Module,
     policy: DecoderPolicy,
     inputs: DecoderInputs,
-    cache: KVCache | None = None,
+    cache: DecoderCache | None = None,
     gradient_checkpointing: bool = False,
     output_hidden_states: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:

@@ -25,6 +25,7 @@ from functools import partial
 
 import torch
 
+from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name, option_names
 from leanvlm.measure.flops import VISION_CONFIGS, Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
@@ -34,7 +35,7 @@ from leanvlm.reports import write_report as write_files
 class BenchSettings:
     llm: str = "qwen2-0.5b"
     vision: str = "siglip-so400m-384"
-    decoders: list[str] = field(default_factory=lambda: ["vanilla", "himix", "proxyv"])
+    decoders: list[str] = field(default_factory=lambda: list(DECODERS))
     text_tokens: int = 64
     crops: int = 1
     batch: int = 1
@@ -43,8 +44,8 @@ class BenchSettings:
     repeats: int = 5
     warmup: int = 1
     decode_steps: int = 16
-    proxyv_start_layer: int | None = None  # None = the middle layer
-    proxyv_reduce_factor: int = 4
+    # decoder options (LeanVLMConfig fields, e.g. proxyv_start_layer); each decoder takes its own, the rest ignore them
+    options: dict = field(default_factory=dict)
     train: bool = True
     model: str | None = None  # a saved leanvlm model: its LLM and encoder replace the presets' random ones
 
@@ -125,6 +126,11 @@ def build_parts(settings: BenchSettings):
     return llm, vision, shape.vocab
 
 
+def decoder_options(config) -> dict:
+    """The options of a model config's own decoder, by name."""
+    return {name: getattr(config, name) for name in option_names(DECODERS[config.decoder])}
+
+
 def build_models(settings: BenchSettings):
     """A model for each decoder, all sharing one LLM and one vision encoder."""
     from leanvlm.modeling import LeanVLMForConditionalGeneration
@@ -134,12 +140,9 @@ def build_models(settings: BenchSettings):
     size = vision.config.image_size
     models = {}
     for decoder in settings.decoders:
-        options = {"max_crops": settings.crops}
-        if decoder == "proxyv":
-            options.update(proxyv_start_layer=settings.proxyv_start_layer,
-                           proxyv_reduce_factor=settings.proxyv_reduce_factor)
-        elif decoder not in ("vanilla", "himix"):
-            raise ValueError(f"Unknown decoder {decoder!r}; choose vanilla, himix or proxyv.")
+        check_decoder_name(decoder)
+        own = option_names(DECODERS[decoder])
+        options = {"max_crops": settings.crops, **{k: v for k, v in settings.options.items() if k in own}}
         if settings.crops > 1:
             options["image_grid_pinpoints"] = [[size * (settings.crops - 1), size]]
         model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder=decoder,
@@ -277,8 +280,6 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             samples[name]["train_step_ms"] = times
     peaks, memory_method = measure_memory(work, settings.train, progress)
     extra = {name: {"kv_cache_bytes": cache_bytes[name], **peaks[name]} for name in work.models}
-    if "proxyv" in work.models:  # report the start layer actually used
-        settings.proxyv_start_layer = work.models["proxyv"].config.proxyv_start_layer
     tokens_per_crop = next(iter(work.contexts.values())).tokens.shape[-2]
     configs = {name: model.config for name, model in work.models.items()}
     return summarize(settings, samples, extra, memory_method, configs, tokens_per_crop)
@@ -294,17 +295,16 @@ def summarize(settings, samples: dict, extra: dict, memory_method: str, configs:
         vision = VisionShape(tokens_per_crop, config.vision_config.hidden_size)
         newlines = settings.crops if config.uses_image_newline else 0
         flops = decoder_flops(LLMShape.from_config(config), vision, settings.text_tokens + newlines, name,
-                              crops=settings.crops, convention=work,
-                              proxyv_start_layer=settings.proxyv_start_layer,
-                              proxyv_reduce_factor=settings.proxyv_reduce_factor)
+                              crops=settings.crops, convention=work, **decoder_options(config))
         prefill_flops = flops["total_flops"] - flops["breakdown"].get("vision_kv", 0)
         row = {key: {"median": statistics.median(v), "min": min(v), "max": max(v)} for key, v in metrics.items()}
         row["tokens_per_s"] = settings.batch * 1e3 / row["decode_ms_per_token"]["median"]
         row["prefill_flops"] = prefill_flops * settings.batch
         row.update(extra[name])
+        row["options"] = decoder_options(config)  # as the model resolved them (e.g. ProxyV's middle layer)
         results[name] = row
-    if "vanilla" in results:
-        base = results["vanilla"]
+    if BASELINE in results:
+        base = results[BASELINE]
         for row in results.values():
             row["prefill_speedup"] = base["prefill_ms"]["median"] / row["prefill_ms"]["median"]
             row["analytic_flops_ratio"] = row["prefill_flops"] / base["prefill_flops"]

@@ -3,10 +3,8 @@ cost, and how they are shown (a table, or one JSON object for one decoder)."""
 
 from __future__ import annotations
 
-from leanvlm.decoders import DECODERS
+from leanvlm.decoders import BASELINE, DECODERS
 from leanvlm.measure.flops import decode_flops, decoder_flops
-
-BASELINE = "vanilla"  # every ratio is to the plain LLaVA decoder
 
 
 def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = None, crops: int = 1,
