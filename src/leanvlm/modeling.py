@@ -381,7 +381,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             cache=cache,
             attention_mask=inputs.valid,
             hidden_states=states,
-            vision_mask=inputs.vision,
+            vision_mask=inputs.vision_mask,
         )
 
     def _prefill_inputs(self, input_ids, valid, image_context: ImageContext | None, labels) -> DecoderInputs:

@@ -18,32 +18,37 @@ IGNORE_INDEX = -100
 class ImageContext:
     """Images already turned into what a decoder consumes, so any number of prompts can reuse them.
 
-    `tokens` is stacked over crops (an image has `crops[i]` consecutive rows; single-crop images have one): vanilla
-    and proxyv hold the projected vision tokens (n_crops, N, d); himix holds every layer's vision keys and values
-    (n_crops, num_layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one crop's N tokens when
-    they form one.
+    `tokens` is stacked over crops (image i has `crop_counts[i]` consecutive rows; single-crop images have one):
+    policies with vision tokens in the sequence hold the projected tokens (n_crops, N, d); himix holds every layer's
+    vision keys and values (n_crops, num_layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one
+    crop's N tokens when they form one.
     """
 
     decoder: str
     tokens: torch.Tensor
-    crops: list[int] | None = None
+    crop_counts: list[int] | None = None
     grid: tuple[int, int] | None = None
 
+    @property
+    def crops(self) -> list[int]:
+        """Crops per image (the former name of `crop_counts`)."""
+        return self.crop_counts
+
     def __post_init__(self):
-        if self.crops is None:
-            self.crops = [1] * self.tokens.shape[0]
-        self.crops = [int(c) for c in self.crops]
-        if sum(self.crops) != self.tokens.shape[0] or min(self.crops, default=1) < 1:
+        if self.crop_counts is None:
+            self.crop_counts = [1] * self.tokens.shape[0]
+        self.crop_counts = [int(c) for c in self.crop_counts]
+        if sum(self.crop_counts) != self.tokens.shape[0] or min(self.crop_counts, default=1) < 1:
             raise ValueError(
-                f"The images declare {sum(self.crops)} crop(s) in total (per image: {self.crops}) but there are "
-                f"{self.tokens.shape[0]} encoded crops; every image needs at least one crop."
+                f"The images declare {sum(self.crop_counts)} crop(s) in total (per image: {self.crop_counts}) but "
+                f"there are {self.tokens.shape[0]} encoded crops; every image needs at least one crop."
             )
         self._offsets = [0]
-        for count in self.crops:
+        for count in self.crop_counts:
             self._offsets.append(self._offsets[-1] + count)
 
     def __len__(self) -> int:
-        return len(self.crops)
+        return len(self.crop_counts)
 
     def rows(self, index: int) -> range:
         """Row numbers of one image's crops in `tokens`."""
@@ -57,10 +62,10 @@ class ImageContext:
         """Select or repeat images, e.g. `ctx[[0, 0, 0]]` for three prompts about image 0."""
         indices = [index] if isinstance(index, int) else list(index)
         rows = [row for i in indices for row in self.rows(i)]
-        return ImageContext(self.decoder, self.tokens[rows], [self.crops[i] for i in indices], self.grid)
+        return ImageContext(self.decoder, self.tokens[rows], [self.crop_counts[i] for i in indices], self.grid)
 
     def to(self, *args, **kwargs) -> ImageContext:
-        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs), self.crops, self.grid)
+        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs), self.crop_counts, self.grid)
 
 
 @dataclass
@@ -81,7 +86,7 @@ class DecoderInputs:
     valid: torch.Tensor  # (B, T) bool, False for padding
     labels: torch.Tensor | None = None  # (B, T), IGNORE_INDEX where no loss
     prefix: VisionPrefix | None = None
-    vision: torch.Tensor | None = None  # (B, T) bool, True for vision tokens in the sequence (vanilla/proxyv)
+    vision_mask: torch.Tensor | None = None  # (B, T) bool, True for vision tokens in the sequence
     image_crops: list[list[int]] | None = None  # crops of each image of each sample, in sequence order
     vision_grid: tuple[int, int] | None = None  # (rows, cols) patch grid of one crop's tokens, when they form one
 

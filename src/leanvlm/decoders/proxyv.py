@@ -205,7 +205,7 @@ class ProxyVDecoder(VanillaDecoder):
     def run(self, run):
         cache = run.cache
         inputs = run.inputs
-        has_vision = inputs.vision is not None and bool(inputs.vision.any())
+        has_vision = inputs.vision_mask is not None and bool(inputs.vision_mask.any())
         if self.start_layer >= len(run.layers) or not has_vision or (cache is not None and cache.length):
             return super().run(run)  # decode steps and continuations use plain layers
         run.run_layers(0, self.start_layer)
@@ -326,9 +326,9 @@ class ProxyVDecoder(VanillaDecoder):
         vision_index, vision_valid (B, F) and rest_index, rest_valid (B, X), then N."""
         per_crop = None
         vision_rows, rest_rows = [], []
-        for b in range(inputs.vision.shape[0]):
-            vision_rows.append(inputs.vision[b].nonzero().flatten())  # (F_b,)
-            rest_rows.append((inputs.valid[b] & ~inputs.vision[b]).nonzero().flatten())  # (X_b,)
+        for b in range(inputs.vision_mask.shape[0]):
+            vision_rows.append(inputs.vision_mask[b].nonzero().flatten())  # (F_b,)
+            rest_rows.append((inputs.valid[b] & ~inputs.vision_mask[b]).nonzero().flatten())  # (X_b,)
             crops = sum(inputs.image_crops[b])
             if crops:
                 per_crop = len(vision_rows[-1]) // crops

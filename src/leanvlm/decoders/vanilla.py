@@ -185,7 +185,7 @@ class VanillaDecoder(DecoderPolicy):
         span = is_text.long()  # (B, T0): slots each prompt token takes once laid out
         if order:
             per_crop = context.tokens.shape[1] + (self.image_newline is not None)
-            sizes = torch.tensor([context.crops[image] * per_crop for image in order], device=span.device)
+            sizes = torch.tensor([context.crop_counts[image] * per_crop for image in order], device=span.device)
             span = span.masked_scatter(is_image, sizes)
         end = span.cumsum(dim=1)  # (B, T0)
         length = int(end[:, -1].max())
@@ -210,13 +210,15 @@ class VanillaDecoder(DecoderPolicy):
         if labels is not None:  # (B, T): image slots and padding score nothing
             new_labels = labels.new_full(new_valid.shape, IGNORE_INDEX)
             new_labels[text_b, text_slot] = labels[text_b, text_t]
-        crop_counts = [[context.crops[image] for image in images] for images in images_per_sample] if context else None
+        crop_counts = None
+        if context is not None:
+            crop_counts = [[context.crop_counts[image] for image in images] for images in images_per_sample]
         return DecoderInputs(
             inputs_embeds,
             positions_from_valid(new_valid),
             new_valid,
             new_labels,
-            vision=vision,
+            vision_mask=vision,
             image_crops=crop_counts,
             vision_grid=context.grid if context is not None else None,
         )
@@ -239,7 +241,7 @@ class VanillaDecoder(DecoderPolicy):
         def active(start):
             return start is not None and layer_idx >= start
 
-        vision = inputs.vision
+        vision = inputs.vision_mask
         light = self.light_mlps is not None and active(self.probe_skip_ffn_from)
         probing = [active(self.probe_mask_from), active(self.probe_skip_attention_from),
                    active(self.probe_skip_ffn_from)]
