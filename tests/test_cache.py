@@ -129,3 +129,14 @@ def test_cache_misuse_is_refused():
             model.prefill(torch.tensor([[5, 6]]), cache=cache)
     with pytest.raises(RuntimeError, match="empty or has a block open"):
         cache.merge(model.new_cache())
+    with torch.no_grad():
+        cache, _ = prefill(model, reqs[:3])
+        with pytest.raises(ValueError, match=r"one entry per row \(3\)"):
+            cache.select([True, False])
+        with pytest.raises(ValueError, match=r"distinct indices in 0\.\.2"):
+            cache.select([0, 0])
+        with pytest.raises(ValueError, match=r"distinct indices in 0\.\.2"):
+            cache.select([3])
+        other, _ = prefill(model.to(torch.bfloat16), reqs[3:4])
+        with pytest.raises(ValueError, match=r"torch\.bfloat16 .* into one of torch\.float32"):
+            cache.merge(other)

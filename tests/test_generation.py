@@ -201,7 +201,7 @@ def test_the_image_placeholder_is_suppressed_and_stop_ids_come_from_the_model():
 
 @pytest.mark.parametrize("bad, message", [(dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
                                           (dict(do_sample=True, temperature=0), "temperature must be > 0"),
-                                          (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+                                          (dict(top_p=1.5), r"top_p must be in \[0, 1\]"),
                                           (dict(top_k=-1), "top_k must be >= 0")])
 def test_bad_sampling_params_say_what_is_allowed(bad, message):
     with pytest.raises(ValueError, match=message):

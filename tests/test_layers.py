@@ -34,6 +34,7 @@ def imports(path: Path):
     tree = ast.parse(path.read_text())
     module_level = {id(node) for node in tree.body}
     for node in ast.walk(tree):
+        assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}: use absolute imports"
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "leanvlm":
             for alias in node.names:  # `from leanvlm import generation` imports a module, not the package
                 submodule = f"{node.module}.{alias.name}"

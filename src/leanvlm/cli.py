@@ -24,11 +24,6 @@ DTYPES = ("bfloat16", "float16", "float32")  # torch dtypes by name, for weights
 # What a user can fix from the command line: a bad value, a missing or unreadable file, an uninstalled extra.
 USER_ERRORS = (ValueError, KeyError, IndexError, OSError, ModuleNotFoundError)
 
-# --llm as a config.json: one without a shape field fails in the shape arithmetic, with a TypeError
-LLM_SHAPE_ERRORS = (*USER_ERRORS, TypeError)
-LLM_CONFIG_HINT = ("a config.json needs hidden_size, num_hidden_layers, num_attention_heads, intermediate_size and "
-                   "vocab_size")
-
 
 def user_errors(hint: str = "", errors: tuple[type[Exception], ...] = USER_ERRORS) -> Callable:
     """Decorate a command so that `errors` end in typer's usage-error box (exit code 2) with their message, then
@@ -111,7 +106,7 @@ def info() -> None:
 
 
 @app.command()
-@user_errors(LLM_CONFIG_HINT, errors=LLM_SHAPE_ERRORS)
+@user_errors()
 def flops(
     llm: str = typer.Option(..., help="LLM preset (e.g. qwen2-0.5b, vicuna-7b) or a Hugging Face config.json path."),
     vision: str = typer.Option(..., help="Vision preset.", **one_of(VISION_PRESETS)),
@@ -142,7 +137,7 @@ def flops(
 
 
 @app.command()
-@user_errors(LLM_CONFIG_HINT, errors=LLM_SHAPE_ERRORS)
+@user_errors()
 def bench(
     llm: str = typer.Option("qwen2-0.5b", help="LLM preset or a Hugging Face config.json (random weights of its "
                                                "shape and model_type)."),
@@ -237,7 +232,8 @@ def compare(
 
 
 @app.command(context_settings={"allow_extra_args": False})
-@user_errors()
+# a bad recipe or path is the user's to fix; any other failure during training keeps its traceback
+@user_errors(errors=(ValueError, KeyError, FileNotFoundError))
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. stages.0.steps=100."),
@@ -298,7 +294,8 @@ def data_encode(
     layer: list[int] = typer.Option([-2], help="Encoder hidden-state index to keep (repeatable); with --vision."),
     select: str = typer.Option("patch", help="Token selection; with --vision.", **one_of(VISION_FEATURE_SELECTS)),
     max_crops: int = typer.Option(1, min=1, help="Crops per image (AnyRes when > 1); with --vision."),
-    dtype: str = typer.Option("bfloat16", help="Encoder dtype (the features keep it).", **one_of(DTYPES)),
+    dtype: str = typer.Option("bfloat16", help="Encoder dtype (the features keep it).",
+                              **one_of(("bfloat16", "float32"))),
     image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
     batch_size: int = typer.Option(16, min=1, help="Images per encoder batch."),
 ) -> None:

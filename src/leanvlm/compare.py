@@ -9,7 +9,7 @@ import time
 
 import yaml
 
-from leanvlm.decoders import BASELINE, DECODERS
+from leanvlm.decoders import BASELINE, DECODERS, all_option_names, option_names
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 
@@ -26,6 +26,8 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
         if "=" not in setting:
             raise ValueError(f"{text!r}: options look like +key=value, got {setting!r}.")
         key, value = setting.split("=", 1)
+        if key in all_option_names() and key not in option_names(DECODERS[decoder]):
+            raise ValueError(f"{text!r}: {key} is not an option of {decoder}.")
         options[key] = yaml.safe_load(value)
     return text, decoder, options
 
@@ -109,7 +111,7 @@ def markdown(report: dict) -> str:
     results = report["results"]
     baseline = results.get(BASELINE)
     families = sorted({f for r in results.values() for f in r["families"]})
-    header = ["variant", "accuracy", "vs vanilla", "decoder GFLOPs", "vs vanilla", "prefill ms",
+    header = ["variant", "accuracy", f"vs {BASELINE}", "decoder GFLOPs", f"vs {BASELINE}", "prefill ms",
               "train s/step", *families]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, r in results.items():

@@ -145,7 +145,8 @@ class LeanVLMConfig(PreTrainedConfig):
             foreign = [name for name in other.options_from(self).changed() if name not in own]
             if foreign:
                 raise ValueError(
-                    f"{', '.join(foreign)}: {other.options_are}; this config's decoder is {self.decoder!r}."
+                    f"{', '.join(foreign)}: {other.options_are}, but this config's decoder is {self.decoder!r}; "
+                    f"use decoder={other.name!r} or leave {'it' if len(foreign) == 1 else 'them'} unset."
                 )
         resolved = policy.options_from(self).resolved(self.text_config.num_hidden_layers)
         for name in own:

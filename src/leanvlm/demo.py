@@ -190,9 +190,9 @@ def render(report: dict, console, report_path: str) -> None:
                         f"{report['text_tokens_per_sample']} text tokens, analytic)")
     table.add_column("decoder")
     table.add_column("GFLOPs", justify="right")
-    table.add_column("vs vanilla", justify="right")
+    table.add_column(f"vs {BASELINE}", justify="right")
     for name, value in flops.items():
-        table.add_row(name, f"{value:.2f}", f"{value / flops['vanilla']:.1%}")
+        table.add_row(name, f"{value:.2f}", f"{value / flops[BASELINE]:.1%}")
     console.print(table)
     question = report["new_question"]
     console.print(f"new image: {question['image']}\nquestion:  {question['question']}\n"

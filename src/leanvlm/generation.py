@@ -39,8 +39,8 @@ class SamplingParams:
                              "for greedy decoding.")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {self.top_k}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:  # 0 keeps the most likely token, as transformers
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}.")
 
     def with_model_defaults(self, model) -> SamplingParams:
         """These params with the stop and pad ids filled from the model's generation config (the LLM's, e.g. an

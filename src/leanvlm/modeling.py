@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -281,6 +282,11 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         `image_context` from `encode_images`, or cached encoder `vision_features` (+ `image_crops`).
         `logits_to_keep=k` computes logits for the last k positions only (0 = all); `return_logits=False` skips them
         (training: the loss needs only the scored positions)."""
+        if "past_key_values" in kwargs:  # the name before transformers 5.24
+            if cache is not None:
+                raise TypeError("Pass the cache once, as cache= (past_key_values is its former name).")
+            warnings.warn("past_key_values= is now cache=, as in transformers 5.24.", FutureWarning, stacklevel=2)
+            cache = kwargs.pop("past_key_values")
         if kwargs:
             raise TypeError(f"Unexpected argument(s) {sorted(kwargs)}.")
         valid = _valid_mask(input_ids, attention_mask)

@@ -102,14 +102,18 @@ def test_parameter_groups_cover_every_new_parameter_once(name, preset):
 @pytest.mark.parametrize("name,preset", VARIANTS)
 def test_flags_match_the_layout(name, preset):
     model = build(name, **preset.options)
-    rows, _, images = prompts(model)
+    rows, images_per_row, images = prompts(model)
     ids, mask = left_padded(rows)
     with torch.no_grad():
         out = model(ids, mask, pixel_values=images)
     keeps = DECODERS[name].keeps_vision_tokens
     assert (out.vision_mask is not None and bool(out.vision_mask.any())) == keeps
-    text_only = mask.sum(dim=1) - torch.tensor([1, 2, 0])  # the placeholders leave
-    assert torch.equal(out.attention_mask.sum(dim=1), text_only) == (not keeps)
+    images = torch.tensor([len(row) for row in images_per_row])
+    # kept: each placeholder becomes its image's tokens in place; otherwise the placeholders leave the text alone
+    expected = mask.sum(dim=1) + (images * (TOKENS_PER_CROP - 1) if keeps else -images)
+    assert out.attention_mask.sum(dim=1).tolist() == expected.tolist()
+    if keeps:
+        assert out.vision_mask.sum(dim=1).tolist() == (images * TOKENS_PER_CROP).tolist()
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 class ImageContext:
     """Images already turned into what a decoder consumes, so any number of prompts can reuse them.
 
-    `tokens` is stacked over crops (image i has `crop_counts[i]` consecutive rows; single-crop images have one):
+    `tokens` is stacked over crops (image i has `crops[i]` consecutive rows; single-crop images have one):
     policies with vision tokens in the sequence hold the projected tokens (n_crops, N, d); himix holds every layer's
     vision keys and values (n_crops, num_layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one
     crop's N tokens when they form one.
@@ -26,29 +26,24 @@ class ImageContext:
 
     decoder: str
     tokens: torch.Tensor
-    crop_counts: list[int] | None = None
+    crops: list[int] | None = None  # crop counts, one per image
     grid: tuple[int, int] | None = None
 
-    @property
-    def crops(self) -> list[int]:
-        """Crops per image (the former name of `crop_counts`)."""
-        return self.crop_counts
-
     def __post_init__(self):
-        if self.crop_counts is None:
-            self.crop_counts = [1] * self.tokens.shape[0]
-        self.crop_counts = [int(c) for c in self.crop_counts]
-        if sum(self.crop_counts) != self.tokens.shape[0] or min(self.crop_counts, default=1) < 1:
+        if self.crops is None:
+            self.crops = [1] * self.tokens.shape[0]
+        self.crops = [int(c) for c in self.crops]
+        if sum(self.crops) != self.tokens.shape[0] or min(self.crops, default=1) < 1:
             raise ValueError(
-                f"The images declare {sum(self.crop_counts)} crop(s) in total (per image: {self.crop_counts}) but "
+                f"The images declare {sum(self.crops)} crop(s) in total (per image: {self.crops}) but "
                 f"there are {self.tokens.shape[0]} encoded crops; every image needs at least one crop."
             )
         self._offsets = [0]
-        for count in self.crop_counts:
+        for count in self.crops:
             self._offsets.append(self._offsets[-1] + count)
 
     def __len__(self) -> int:
-        return len(self.crop_counts)
+        return len(self.crops)
 
     def rows(self, index: int) -> range:
         """Row numbers of one image's crops in `tokens`."""
@@ -62,10 +57,10 @@ class ImageContext:
         """Select or repeat images, e.g. `ctx[[0, 0, 0]]` for three prompts about image 0."""
         indices = [index] if isinstance(index, int) else list(index)
         rows = [row for i in indices for row in self.rows(i)]
-        return ImageContext(self.decoder, self.tokens[rows], [self.crop_counts[i] for i in indices], self.grid)
+        return ImageContext(self.decoder, self.tokens[rows], [self.crops[i] for i in indices], self.grid)
 
     def to(self, *args, **kwargs) -> ImageContext:
-        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs), self.crop_counts, self.grid)
+        return ImageContext(self.decoder, self.tokens.to(*args, **kwargs), self.crops, self.grid)
 
 
 @dataclass
@@ -143,13 +138,13 @@ class DecoderPolicy(nn.Module):
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: PolicyOptions) -> tuple[dict[str, float], int]:
         """Multiply-accumulates of one sample's prefill by part, and the number of sequence positions (for an
-        lm_head counted on every position). A "connector" part is dropped by conventions that do not count it."""
+        lm_head counted on every position), with `options` already `resolved`. A "connector" part is dropped by
+        conventions that do not count it."""
         raise NotImplementedError
 
-    def init_module(self, module: nn.Module) -> bool:
-        """Initialise the raw parameters of one of this policy's modules (Linear and RMSNorm layers are initialised
-        as the LLM's own); True when it did."""
-        return False
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise the raw parameters of `module`, one of this policy's modules that is neither a Linear nor an
+        RMSNorm layer (those are initialised as the LLM's own)."""
 
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Vision-encoder features {encoder layer: (n_images, N, d_v)} -> `ImageContext.tokens`."""

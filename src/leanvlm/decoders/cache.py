@@ -122,7 +122,14 @@ class KVCache:
         kept row uses are freed: prefix slots invalid in every row, and text slots left of every row's text."""
         self._check_closed("select rows of")
         rows = torch.as_tensor(rows, device=self.key_valid.device)
-        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+        if rows.dtype == torch.bool:
+            if rows.shape != (self.batch_size,):
+                raise ValueError(f"A row mask needs one entry per row ({self.batch_size}), got {tuple(rows.shape)}.")
+            rows = rows.nonzero().flatten()
+        rows = rows.long()
+        listed = rows.tolist()
+        if any(not 0 <= row < self.batch_size for row in listed) or len(set(listed)) < len(listed):
+            raise ValueError(f"Rows {rows.tolist()} must be distinct indices in 0..{self.batch_size - 1}.")
         if not len(rows):  # back to an empty cache, which a later merge fills again
             self.__init__(len(self.keys), self.reserve)
             return
@@ -150,6 +157,15 @@ class KVCache:
         other._check_closed("merge")
         if len(other.keys) != len(self.keys):
             raise ValueError(f"Cannot merge a cache of {len(other.keys)} layers into one of {len(self.keys)}.")
+        if self.keys[0] is not None and other.keys[0] is not None:
+            mine, theirs = self.keys[0], other.keys[0]
+            if (mine.dtype, mine.device, mine.shape[1], mine.shape[3]) != (
+                    theirs.dtype, theirs.device, theirs.shape[1], theirs.shape[3]):
+                raise ValueError(
+                    f"Cannot merge a cache of {theirs.dtype} on {theirs.device} ({theirs.shape[1]} KV heads x "
+                    f"{theirs.shape[3]}) into one of {mine.dtype} on {mine.device} ({mine.shape[1]} x "
+                    f"{mine.shape[3]}); prefill both with the same model, dtype and device."
+                )
         if self.key_valid is None:  # an empty cache takes the rows as they are
             self.keys, self.values = list(other.keys), list(other.values)
             self.key_valid, self.next_position = other.key_valid, other.next_position

@@ -164,17 +164,17 @@ class ProxyVDecoder(VanillaDecoder):
             rows, cols = proxy_grid((side, side), self.factor)
             self.proxy_init = ProxyInitializer(width, inner, rows * cols)
 
-    def init_module(self, module: nn.Module) -> bool:
+    def init_module(self, module: nn.Module) -> None:
         if module is self.proxy_init:
             init.normal_(module.queries, std=(4 * module.queries.shape[1]) ** -0.5)
-            return True
-        return super().init_module(module)
+        else:
+            super().init_module(module)
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: ProxyVOptions) -> tuple[dict[str, float], int]:
         llm, n, m, crops = shape.llm, shape.vision_tokens, shape.text_tokens, shape.crops
         d, layers = llm.hidden, llm.layers
-        start = min(options.proxyv_start_layer, layers)
+        start = options.proxyv_start_layer
         cost = LayerCost(llm)
         cls.dense_layers(cost, shape, start, VanillaOptions())
         if start < layers:

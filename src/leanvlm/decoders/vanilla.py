@@ -115,11 +115,9 @@ class VanillaDecoder(DecoderPolicy):
             groups["probe_light_mlps"] = list(self.light_mlps.parameters())
         return groups
 
-    def init_module(self, module: nn.Module) -> bool:
+    def init_module(self, module: nn.Module) -> None:
         if module is self and self.image_newline is not None:  # LLaVA-NeXT's init for the newline: N(0, 1/d)
             init.normal_(self.image_newline, std=self.image_newline.shape[0] ** -0.5)
-            return True
-        return False
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: VanillaOptions) -> tuple[dict[str, float], int]:
@@ -185,7 +183,7 @@ class VanillaDecoder(DecoderPolicy):
         span = is_text.long()  # (B, T0): slots each prompt token takes once laid out
         if order:
             per_crop = context.tokens.shape[1] + (self.image_newline is not None)
-            sizes = torch.tensor([context.crop_counts[image] * per_crop for image in order], device=span.device)
+            sizes = torch.tensor([context.crops[image] * per_crop for image in order], device=span.device)
             span = span.masked_scatter(is_image, sizes)
         end = span.cumsum(dim=1)  # (B, T0)
         length = int(end[:, -1].max())
@@ -212,7 +210,7 @@ class VanillaDecoder(DecoderPolicy):
             new_labels[text_b, text_slot] = labels[text_b, text_t]
         crop_counts = None
         if context is not None:
-            crop_counts = [[context.crop_counts[image] for image in images] for images in images_per_sample]
+            crop_counts = [[context.crops[image] for image in images] for images in images_per_sample]
         return DecoderInputs(
             inputs_embeds,
             positions_from_valid(new_valid),

@@ -26,7 +26,15 @@ from functools import partial
 import torch
 
 from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name, option_names
-from leanvlm.measure.flops import VISION_CONFIGS, Convention, LLMShape, VisionShape, decoder_flops, resolve_llm
+from leanvlm.measure.flops import (
+    LLM_PRESET_FAMILIES,
+    VISION_CONFIGS,
+    Convention,
+    LLMShape,
+    VisionShape,
+    decoder_flops,
+    resolve_llm,
+)
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 
@@ -87,11 +95,11 @@ def peak_memory(fn, device: torch.device) -> tuple[int, str]:
 
 def llm_family(llm: str) -> str:
     """The transformers model type a random-weight `llm` is built as: a config.json's own `model_type`; for a
-    preset, Qwen2 for the qwen2 ones and Llama for the rest (all of them have that layer layout)."""
+    preset, its entry in `LLM_PRESET_FAMILIES` (Llama by default)."""
     from leanvlm.decoders.llm import SUPPORTED_FAMILIES
 
     if not os.path.isfile(llm):
-        return "qwen2" if llm.startswith("qwen2") else "llama"
+        return LLM_PRESET_FAMILIES.get(llm, "llama")
     with open(llm) as f:
         family = json.load(f).get("model_type")
     if family not in SUPPORTED_FAMILIES:

@@ -41,6 +41,8 @@ LLM_PRESETS = {
     "llama3-8b": LLMShape(4096, 32, 32, 8, 128, 14336, 128256),
     "qwen2-7b": LLMShape(3584, 28, 28, 4, 128, 18944, 152064),
 }
+# The family `leanvlm bench` builds a random-weight model of each preset as; the others have Llama's layer layout.
+LLM_PRESET_FAMILIES = {"qwen2-0.5b": "qwen2", "qwen2-7b": "qwen2"}
 # Vision encoders as Hugging Face config fields (full depth); `leanvlm bench` builds random-weight encoders from them.
 VISION_CONFIGS = {
     "siglip-so400m-384": ("siglip_vision_model", dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -77,7 +79,14 @@ def resolve_llm(name_or_path) -> LLMShape:
         return LLM_PRESETS[name_or_path]
     if os.path.isfile(str(name_or_path)):
         with open(name_or_path) as f:
-            return LLMShape.from_config(json.load(f))
+            config = json.load(f)
+        try:
+            return LLMShape.from_config(config)
+        except (TypeError, KeyError, ZeroDivisionError):  # a missing field fails in the shape arithmetic
+            raise ValueError(
+                f"{name_or_path}: a config.json needs hidden_size, num_hidden_layers, num_attention_heads, "
+                "intermediate_size and vocab_size."
+            ) from None
     raise ValueError(
         f"Unknown LLM {name_or_path!r}: use a preset ({', '.join(LLM_PRESETS)}) or a Hugging Face config.json path."
     )
