@@ -154,18 +154,12 @@ def himix_decoder():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# layouts as batches have them (left padding), and any validity pattern at all
+@pytest.mark.parametrize("strategy", [layouts(), arbitrary_layouts()], ids=["left_padded", "any_validity"])
 @SETTINGS
-@given(layouts())
-def test_build_mask_matches_reference(case):
-    key_valid, num_queries, prefix_len, window = case
-    result = build_mask(as_tensor(key_valid), num_queries, prefix_len=prefix_len, window=window)
-    check_against_reference(result, key_valid, num_queries, prefix_len, window)
-
-
-@SETTINGS
-@given(arbitrary_layouts())
-def test_build_mask_matches_reference_for_any_validity_pattern(case):
-    key_valid, num_queries, prefix_len, window = case
+@given(data=st.data())
+def test_build_mask_matches_reference(strategy, data):
+    key_valid, num_queries, prefix_len, window = data.draw(strategy)
     result = build_mask(as_tensor(key_valid), num_queries, prefix_len=prefix_len, window=window)
     check_against_reference(result, key_valid, num_queries, prefix_len, window)
 
