@@ -1,3 +1,5 @@
+import json
+
 from typer.testing import CliRunner
 
 import leanvlm
@@ -113,3 +115,13 @@ def test_bench_builds_the_llm_of_a_config_json(tmp_path):
     assert set(report["results"]) == {"vanilla", "himix"} and report["llm_layers"] == 2
     # fp32 keys and values of 2 layers, 2 KV heads x 8 dims, for 256 DINOv2 patches + 4 text tokens
     assert report["results"]["vanilla"]["kv_cache_bytes"] == 2 * 2 * 2 * 8 * (256 + 4) * 4
+
+
+def test_any_decoder_option_reaches_flops():
+    base = ["flops", "--llm", "qwen2-0.5b", "--vision", "siglip-so400m-384", "--text-tokens", "64", "--json"]
+    plain = json.loads(CliRunner().invoke(app, base).output)["total_flops"]
+    probed = CliRunner().invoke(app, [*base, "--option", "probe_skip_vision_ffn_from_layer=12"])
+    assert probed.exit_code == 0, probed.output
+    assert json.loads(probed.output)["total_flops"] < plain  # vanilla's FFN skips the vision rows from layer 12
+    bad = CliRunner().invoke(app, [*base, "--option", "no_such_option=1"])
+    assert bad.exit_code == 2 and "proxyv_start_layer" in message(bad)

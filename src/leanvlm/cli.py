@@ -60,6 +60,22 @@ def one_of(names: Iterable[str]) -> dict:
     return {"parser": parse, "metavar": f"[{'|'.join(names)}]"}
 
 
+def decoder_options(pairs: list[str] | None, **shortcuts) -> dict:
+    """Decoder options from `--option KEY=VALUE` (values read as YAML) and the shortcut flags that are set."""
+    import yaml
+
+    from leanvlm.decoders import all_option_names
+
+    options = {key: value for key, value in shortcuts.items() if value is not None}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in all_option_names():
+            raise typer.BadParameter(f"{pair!r}: give KEY=VALUE with a decoder option: {', '.join(all_option_names())}",
+                                     param_hint="--option")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def saved_model(path: Path | None) -> Path | None:
     """Option callback: `path`, when given, is a directory a leanvlm model was saved to."""
     if path is not None and not (path / "config.json").is_file():
@@ -116,6 +132,8 @@ def flops(
     decoder: str = typer.Option(BASELINE, help="Decoder for the JSON output.", **one_of(DECODERS)),
     proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
     proxyv_reduce_factor: int = typer.Option(4, min=1, help="ProxyV grid reduction per side."),
+    option: list[str] = typer.Option(None, "--option", help="Any decoder option as KEY=VALUE (repeatable), e.g. "
+                                     "probe_skip_vision_ffn_from_layer=12; each decoder takes its own."),
     convention: str = typer.Option("prefill", help="Counting convention (leanvlm.measure.flops explains them).",
                                    **one_of(CONVENTIONS)),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for --decoder."),
@@ -128,8 +146,8 @@ def flops(
     from leanvlm.measure import flops_report
 
     report = flops_report.run(llm, vision, text_tokens, vision_tokens=vision_tokens, crops=crops,
-                              convention=convention, proxyv_start_layer=proxyv_start_layer,
-                              proxyv_reduce_factor=proxyv_reduce_factor)
+                              convention=convention, **decoder_options(option, proxyv_start_layer=proxyv_start_layer,
+                                                                       proxyv_reduce_factor=proxyv_reduce_factor))
     if as_json:
         typer.echo(json.dumps(flops_report.for_decoder(report, decoder), indent=2))
     else:
@@ -156,6 +174,8 @@ def bench(
     decode_steps: int = typer.Option(16, min=1, help="Decode steps timed per repeat."),
     proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
     proxyv_reduce_factor: int = typer.Option(4, min=1, help="ProxyV grid reduction per side."),
+    option: list[str] = typer.Option(None, "--option", help="Any decoder option as KEY=VALUE (repeatable), e.g. "
+                                     "probe_skip_vision_ffn_from_layer=12; each decoder takes its own."),
     train: bool = typer.Option(True, help="Also time one training step (forward + backward)."),
     out: Path = typer.Option(Path("bench"), help="Directory for NAME.json, NAME.md and NAME.png."),
     name: str = typer.Option("bench", help="File name stem of the outputs."),
@@ -174,8 +194,8 @@ def bench(
     settings = BenchSettings(llm=llm, vision=vision, decoders=list(decoder), text_tokens=text_tokens, crops=crops,
                              batch=batch, dtype=dtype, device=device, repeats=repeats, warmup=warmup,
                              decode_steps=decode_steps, train=train,
-                             options={"proxyv_start_layer": proxyv_start_layer,
-                                      "proxyv_reduce_factor": proxyv_reduce_factor},
+                             options=decoder_options(option, proxyv_start_layer=proxyv_start_layer,
+                                                     proxyv_reduce_factor=proxyv_reduce_factor),
                              model=str(model) if model else None)
     console = Console()
     with Progress(console=console, transient=True) as progress:

@@ -8,12 +8,12 @@ from leanvlm.measure.flops import decode_flops, decoder_flops
 
 
 def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = None, crops: int = 1,
-        convention: str = "prefill", proxyv_start_layer: int | None = None, proxyv_reduce_factor: int = 4) -> dict:
-    """Prefill FLOPs of every registered decoder, and of one decoded token after that prefill."""
+        convention: str = "prefill", **options) -> dict:
+    """Prefill FLOPs of every registered decoder (each with its own of the decoder `options`), and of one decoded
+    token after that prefill."""
     results = {
         name: decoder_flops(llm, vision, text_tokens, name, vision_tokens=vision_tokens, crops=crops,
-                            convention=convention, proxyv_start_layer=proxyv_start_layer,
-                            proxyv_reduce_factor=proxyv_reduce_factor)
+                            convention=convention, **options)
         for name in DECODERS
     }
     tokens = results[BASELINE]["tokens"]
