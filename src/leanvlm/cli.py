@@ -253,7 +253,7 @@ def compare(
 
 @app.command(context_settings={"allow_extra_args": False})
 # a bad recipe or path is the user's to fix; any other failure during training keeps its traceback
-@user_errors(errors=(ValueError, KeyError, FileNotFoundError))
+@user_errors(errors=(ValueError, KeyError, IndexError, FileNotFoundError))
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. stages.0.steps=100."),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name
+from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name, option_names
 from leanvlm.decoders.llm import check_supported_text_config
 
 IMAGE_TOKEN = "<image>"
@@ -140,7 +138,7 @@ class LeanVLMConfig(PreTrainedConfig):
         """Options of another policy must stay at their defaults; this policy's own are checked and resolved (e.g.
         ProxyV's start layer defaults to the middle layer) by its `Options`."""
         policy = DECODERS[self.decoder]
-        own = {option.name for option in fields(policy.Options)}
+        own = set(option_names(policy))
         for other in DECODERS.values():
             foreign = [name for name in other.options_from(self).changed() if name not in own]
             if foreign:

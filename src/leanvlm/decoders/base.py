@@ -106,7 +106,7 @@ def _default(option) -> object:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named option set a policy declares: the contract tests run each one, users can name it in `compare`."""
+    """A named option set a policy declares (e.g. a probe); the contract tests run every one."""
 
     options: dict
     # False where the analytic count is what the variant could save rather than what leanvlm's code computes

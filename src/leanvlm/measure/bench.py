@@ -136,7 +136,7 @@ def build_parts(settings: BenchSettings):
 
 def decoder_options(config) -> dict:
     """The options of a model config's own decoder, by name."""
-    return {name: getattr(config, name) for name in option_names(DECODERS[config.decoder])}
+    return asdict(DECODERS[config.decoder].options_from(config))
 
 
 def build_models(settings: BenchSettings):
@@ -206,9 +206,7 @@ class Workload:
         return self.models[name](self.ids, image_context=self.contexts[name], cache=cache, logits_to_keep=1)
 
     def new_cache(self, name: str):
-        from leanvlm.decoders.cache import KVCache
-
-        return KVCache(len(self.models[name].language_model.model.layers), reserve=self.decode_steps)
+        return self.models[name].new_cache(reserve=self.decode_steps)
 
     def train_step(self, name: str) -> None:
         """From cached encoder features: projection + decoder forward + backward."""
