@@ -10,13 +10,15 @@ PACKAGE = Path(leanvlm.__file__).parent
 # Bottom to top, by the first component under leanvlm/ (a module file or a folder).
 LAYERS = [
     {"decoders"},  # policies, attention, cache, the LLM adapter: never the config
-    {"config", "vision", "crops", "processing", "hub", "generation", "modeling", "reports"},  # the HF-style core
+    {"config", "vision", "crops", "processing", "hub", "generation", "modeling", "reports",
+     "stats"},  # the HF-style core
     {"data"},
-    {"eval", "train", "measure", "inference", "serve", "interop"},  # workflows, each its own folder
+    {"eval"},  # metrics and answering, which training, measuring and serving report with
+    {"train", "measure", "inference", "serve", "interop"},  # workflows, each its own folder
     {"demo", "compare", "cli", "__main__", "__init__"},  # faces and apps
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
-FOLDER_LAYER = 3
+FOLDER_LAYER = 4
 
 
 def module_name(path: Path) -> str:

@@ -4,6 +4,7 @@ model answers the conversation before it, greedily and in batches, with the temp
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from leanvlm.data.llava import record_image_paths
 from leanvlm.data.templates import generation_prompt, to_messages
 from leanvlm.decoders.base import left_pad
 from leanvlm.processing import PROCESSOR_FILE
+from leanvlm.stats import accuracy_text, wilson_interval
 
 TRAILING_PUNCTUATION = ".,;:!?"
 
@@ -100,28 +102,54 @@ def answer(model, processor, prompts: list[list[str]], images: list | None = Non
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def answer_prior(references: list[str]) -> float:
+    """The share of the most common reference answer: what always giving one answer can score, seeing neither
+    the image nor the question."""
+    counts = Counter(normalize(r) for r in references)
+    return max(counts.values()) / len(references) if references else 0.0
+
+
+def tally(correct: list[bool], references: list[str]) -> dict:
+    """samples, correct, accuracy, its 95% interval (Wilson) and the answer prior of one group of questions."""
+    right = sum(correct)
+    return {"samples": len(correct), "correct": right, "accuracy": right / len(correct) if correct else 0.0,
+            "ci95": list(wilson_interval(right, len(correct))), "answer_prior": answer_prior(references)}
+
+
 def score(asked: list[Question], predictions: list[str]) -> dict:
-    """Exact match after `normalize`, overall and per family (records without a family count only overall)."""
-    samples, families = [], {}
+    """Exact match after `normalize`, overall and per family (records without a family count only overall), each
+    with its 95% interval and answer prior (the overall prior averages the families' priors by their size, or is
+    the overall majority share when no record has a family)."""
+    samples, groups = [], {}
     for question, prediction in zip(asked, predictions, strict=True):
         correct = normalize(prediction) == normalize(question.reference)
         samples.append({"id": question.id, "family": question.family, "question": question.question,
                         "reference": question.reference, "prediction": prediction, "correct": correct})
         if question.family is not None:
-            counts = families.setdefault(question.family, {"samples": 0, "correct": 0})
-            counts["samples"] += 1
-            counts["correct"] += int(correct)
-    for counts in families.values():
-        counts["accuracy"] = counts["correct"] / counts["samples"]
-    right = sum(s["correct"] for s in samples)
-    return {"samples": len(samples), "correct": right, "accuracy": right / len(samples) if samples else 0.0,
-            "families": dict(sorted(families.items())), "predictions": samples}
+            groups.setdefault(question.family, []).append(samples[-1])
+    families = {name: tally([s["correct"] for s in group], [s["reference"] for s in group])
+                for name, group in sorted(groups.items())}
+    overall = tally([s["correct"] for s in samples], [s["reference"] for s in samples])
+    if families and len(samples) == sum(f["samples"] for f in families.values()):
+        overall["answer_prior"] = sum(f["answer_prior"] * f["samples"] for f in families.values()) / len(samples)
+    return {**overall, "families": families, "predictions": samples}
+
+
+def cached_context(model, feature_cache, paths: list[str]):
+    """The image context of `paths` from a `FeatureCache` of this model's encoder (the encoder does not run)."""
+    layers = model.config.feature_layers
+    features = [{layer: feature_cache.get(feature_cache.key(p, layer)) for layer in layers} for p in paths]
+    crops = torch.tensor([f[layers[0]].shape[0] for f in features])
+    stacked = {layer: torch.cat([f[layer] for f in features]).to(model.device) for layer in layers}
+    return model.context_from_features(stacked, crops)
 
 
 def evaluate(model, processor, records: list, image_root: str = ".", batch_size: int = 16,
-             max_new_tokens: int = 16, progress: bool = True, source: str = "data", console=None) -> dict:
+             max_new_tokens: int = 16, progress: bool = True, source: str = "data", console=None,
+             feature_cache=None) -> dict:
     """Ask every record's last question with `processor.template` and score the answers (see `score`). `source`
-    names the records in error messages; `console` is where the progress bar draws."""
+    names the records in error messages; `console` is where the progress bar draws; with a `feature_cache`
+    holding these images' features (`leanvlm.data.features`), the encoder does not run."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     asked = questions(records, processor.template, processor.tokenizer, image_root, source)
@@ -134,8 +162,15 @@ def evaluate(model, processor, records: list, image_root: str = ".", batch_size:
         task = bar.add_task("evaluate", total=-(-len(asked) // batch_size))
         for start in range(0, len(asked), batch_size):
             batch = asked[start : start + batch_size]
-            images = [Image.open(path).convert("RGB") for question in batch for path in question.images]
-            predictions += answer(model, processor, [q.prompt for q in batch], images, max_new_tokens=max_new_tokens)
+            paths = [path for question in batch for path in question.images]
+            if feature_cache is not None and paths:
+                context = cached_context(model, feature_cache, paths)
+                predictions += answer(model, processor, [q.prompt for q in batch], image_context=context,
+                                      max_new_tokens=max_new_tokens)
+            else:
+                images = [Image.open(path).convert("RGB") for path in paths]
+                predictions += answer(model, processor, [q.prompt for q in batch], images,
+                                      max_new_tokens=max_new_tokens)
             bar.advance(task)
     result = score(asked, predictions)
     result["template"] = processor.template
@@ -143,15 +178,15 @@ def evaluate(model, processor, records: list, image_root: str = ".", batch_size:
 
 
 def results_table(result: dict, title: str = "Exact match") -> Table:
-    """One row per family, then the overall row."""
+    """One row per family, then the overall row: accuracy with its 95% interval, next to the answer prior."""
     table = Table(title=title)
     table.add_column("family")
-    for column in ("samples", "correct", "accuracy"):
+    for column in ("questions", "correct", "accuracy [95% interval]", "answer prior"):
         table.add_column(column, justify="right")
-    for name, counts in result["families"].items():
-        table.add_row(name, str(counts["samples"]), str(counts["correct"]), f"{counts['accuracy']:.1%}")
-    table.add_row("overall", str(result["samples"]), str(result["correct"]), f"{result['accuracy']:.1%}",
-                  style="bold")
+    for name, counts in [*result["families"].items(), ("overall", result)]:
+        table.add_row(name, str(counts["samples"]), str(counts["correct"]),
+                      accuracy_text(counts["correct"], counts["samples"]), f"{counts['answer_prior']:.1%}",
+                      style="bold" if name == "overall" else None)
     return table
 
 
