@@ -12,6 +12,7 @@ import typer
 
 from leanvlm.config import VISION_FEATURE_SELECTS
 from leanvlm.decoders import BASELINE, DECODERS
+from leanvlm.demo import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
 from leanvlm.measure.flops import CONVENTIONS, VISION_PRESETS
 
 app = typer.Typer(help="Vision-language models that spend little decoder compute on vision tokens.")
@@ -212,9 +213,9 @@ def demo(
     out: Path = typer.Option(Path("leanvlm-demo"), help="Output directory (model, demo.json, the new image)."),
     decoder: str = typer.Option(None, help="Decoder to train (default: the demo recipe's).", **one_of(DECODERS)),
     seed: int = typer.Option(0, help="Seed of the data, the initialisation and the data order."),
-    train_samples: int = typer.Option(3000, "--train", min=16, help="ShapesVQA training samples."),
-    val_samples: int = typer.Option(200, "--val", min=1, help="ShapesVQA validation samples."),
-    test_samples: int = typer.Option(350, "--test", min=7, help="ShapesVQA test samples."),
+    train_samples: int = typer.Option(DEMO_TRAIN, "--train", min=16, help="ShapesVQA training images."),
+    val_samples: int = typer.Option(DEMO_VAL, "--val", min=1, help="ShapesVQA validation questions."),
+    test_samples: int = typer.Option(DEMO_TEST, "--test", min=7, help="ShapesVQA test questions."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides, e.g. stages.1.steps=300."),
 ) -> None:
     """The main job: SmolLM2-135M + DINOv2-S -> a ShapesVQA VLM trained on this machine in two stages, its test
@@ -236,18 +237,22 @@ def compare(
                                            "vanilla+probe_skip_vision_ffn_from_layer=15."),
     out: Path = typer.Option(Path("leanvlm-compare"), help="Output directory (models, compare.json/.md/.png)."),
     seed: int = typer.Option(0, help="Seed of the data, the initialisation and the data order."),
-    train_samples: int = typer.Option(3000, "--train", min=16, help="ShapesVQA training samples."),
-    test_samples: int = typer.Option(350, "--test", min=7, help="ShapesVQA test samples."),
+    train_samples: int = typer.Option(DEMO_TRAIN, "--train", min=16, help="ShapesVQA training images."),
+    test_samples: int = typer.Option(DEMO_TEST, "--test", min=7, help="ShapesVQA test questions."),
+    equal_time: bool = typer.Option(False, "--equal-time", help=f"Also train each other variant for the steps that "
+                                    f"fit {BASELINE}'s training time (needs {BASELINE} among the decoders)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides for every variant, e.g. stages.1.steps=300."),
 ) -> None:
-    """Train the demo recipe for each decoder on the same data, steps and seed; compare accuracy per family with
-    analytic decoder FLOPs, measured prefill time and training time per step."""
+    """Train the demo recipe for each decoder on the same data, steps and seed; compare accuracy per family (95%
+    intervals, answer priors, a paired test against vanilla) with analytic decoder FLOPs, measured prefill time and
+    training time."""
     from rich.console import Console
 
     from leanvlm.compare import render, run_compare
 
     console = Console()
-    report = run_compare(str(out), list(variant), seed, train_samples, test_samples, overrides or [], console)
+    report = run_compare(str(out), list(variant), seed, train_samples, test_samples, overrides or [], console,
+                         equal_time)
     render(report, console, str(out))
 
 
@@ -362,6 +367,30 @@ def analyze_redundancy(
     redundancy.render_table(result, console)
     json_path, png_path = redundancy.save_redundancy(result, str(out))
     console.print(f"wrote {json_path} and {png_path}")
+
+
+@analyze_app.command("probe")
+@user_errors()
+def analyze_probe(
+    data: Path = typer.Argument(..., help="A ShapesVQA directory (`leanvlm data synth`): train.json and test.json."),
+    layer: list[str] = typer.Option(["-2"], "--layer", help="Encoder hidden-state index, or several joined by "
+                                    "commas (8,11: side by side); repeat for one probe each."),
+    vision: str = typer.Option("dinov2-s14", help="Encoder: a packaged part or a Hugging Face directory."),
+    steps: int = typer.Option(1500, min=1, help="Probe training steps (batches of 64)."),
+    train_samples: int = typer.Option(None, min=1, help="Use only the first N training records."),
+    out: Path = typer.Option(Path("probe"), help="Directory for probe.json, probe.md and probe.png."),
+) -> None:
+    """What the frozen encoder's features can answer at all: a small question-conditioned attention probe per
+    layer (set), trained on the training images' features and scored per family on the test images."""
+    from rich.console import Console
+
+    from leanvlm.measure import probe
+
+    console = Console()
+    report = probe.run(str(data), layer, vision, steps, train_samples, console=console)
+    paths = probe.write(report, str(out))
+    console.print(probe.markdown(report))
+    console.print("wrote " + ", ".join(paths))
 
 
 @app.command("eval")
