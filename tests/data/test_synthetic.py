@@ -117,3 +117,43 @@ def test_scenes_already_taken_are_drawn_again():
     again = generate(21, seed=1, taken=set(taken))  # the same seed would repeat every scene
     assert not taken & {s["key"] for s in again}
     assert [s["family"] for s in again] == [s["family"] for s in first]
+
+
+def test_scene_questions_answer_every_family_from_the_scene(samples):
+    import random
+
+    from leanvlm.data.synthetic import scene_from_dict, scene_questions
+
+    rng, asked = random.Random(3), Counter()
+    for sample in samples:
+        questions = scene_questions(scene_from_dict(sample["scene"]), rng)
+        families = [family for family, _, _ in questions]
+        assert len(families) == len(set(families))  # at most one question per family
+        for family, question, answer in questions:
+            assert answer in ANSWERS[family]
+            assert solve(question, sample["scene"]) == answer, (question, sample["scene"])
+        asked.update(families)
+    assert set(asked) == set(FAMILIES)
+    # the existence question is a fair coin, not always "no"
+    answers = Counter(a for s in samples for f, _, a in scene_questions(scene_from_dict(s["scene"]), rng)
+                      if f == "existence")
+    assert min(answers.values()) > 0.35 * sum(answers.values())
+
+
+def test_conversations_hold_each_records_question_and_answer(tmp_path):
+    synthesize(str(tmp_path), 21, 0, 0, seed=2, image_size=32)
+    records = json.loads((tmp_path / "train.json").read_text())
+    turns = json.loads((tmp_path / "conversations.json").read_text())
+    assert len(turns) == len(records)
+    for record, conversation in zip(records, turns, strict=True):
+        assert conversation["image"] == record["image"]
+        messages = conversation["conversations"]
+        assert messages[0]["from"] == "system"
+        assert messages[1]["value"].startswith("<image>\n")
+        assert sum("<image>" in m["value"] for m in messages) == 1
+        pairs = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(messages[1::2], messages[2::2],
+                                                                                   strict=True)]
+        question = record["conversations"][1]["value"].removeprefix("<image>\n")
+        assert (question, record["conversations"][2]["value"]) in pairs
+        for asked, answer in pairs:
+            assert solve(asked, record["scene"]) == answer

@@ -184,6 +184,61 @@ def make_sample(family: str, answer: str, rng: random.Random) -> tuple[Scene, st
     return Scene(tuple(things), word, word_cell, background), question
 
 
+def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(family, question, answer) for every family this scene can answer, read off the scene alone: one question per
+    family, with the same templates and uniqueness rules as `make_sample` (a colour question names a shape that
+    occurs once, a count question a shape that occurs 1-4 times, ...)."""
+    things = scene.things
+    kinds = Counter((t.shape, t.colour) for t in things)
+    by_shape, by_colour = Counter(t.shape for t in things), Counter(t.colour for t in things)
+    asked = []
+
+    def ask(family: str, answer: str, **fields) -> None:
+        asked.append((family, rng.choice(TEMPLATES[family]).format(**fields), answer))
+
+    single_shape = [t for t in things if by_shape[t.shape] == 1]
+    if single_shape:
+        target = rng.choice(single_shape)
+        ask("colour", target.colour, shape=target.shape)
+    single_colour = [t for t in things if by_colour[t.colour] == 1]
+    if single_colour:
+        target = rng.choice(single_colour)
+        ask("shape", target.shape, colour=target.colour)
+    countable = [shape for shape in SHAPES if str(by_shape[shape]) in NUMBERS]
+    if countable:
+        shape = rng.choice(countable)
+        ask("count", str(by_shape[shape]), shape=shape)
+    present = list(kinds)
+    absent = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in kinds]
+    shape, colour = rng.choice(present) if present and rng.random() < 0.5 else rng.choice(absent)
+    ask("existence", "yes" if (shape, colour) in kinds else "no", shape=shape, colour=colour,
+        article="an" if colour[0] in "aeiou" else "a")
+    unique = [t for t in things if kinds[(t.shape, t.colour)] == 1]
+    pairs = [(a, b, relation) for a in unique for b in unique for relation, (axis, _) in RELATIONS.items()
+             if a is not b and rows_cols(a.cell)[axis] != rows_cols(b.cell)[axis]]
+    if pairs:
+        a, b, relation = rng.choice(pairs)
+        axis, sign = RELATIONS[relation]
+        holds = (rows_cols(a.cell)[axis] - rows_cols(b.cell)[axis]) * sign > 0
+        ask("spatial", "yes" if holds else "no", a=a.name(), b=b.name(), relation=relation)
+    if unique:
+        target = rng.choice(unique)
+        ask("position", CELLS[target.cell], shape=target.shape, colour=target.colour)
+    if scene.word is not None:
+        ask("text", scene.word)
+    return asked
+
+
+def conversation(turns: list[tuple[str, str]]) -> list[dict]:
+    """A LLaVA-format conversation about one image: the system prompt, then (question, answer) turns, the image
+    placeholder before the first question."""
+    messages = [{"from": "system", "value": SYSTEM_PROMPT}]
+    for index, (question, answer) in enumerate(turns):
+        messages += [{"from": "human", "value": ("<image>\n" if index == 0 else "") + question},
+                     {"from": "gpt", "value": answer}]
+    return messages
+
+
 def scene_key(scene: Scene) -> str:
     return hashlib.sha1(json.dumps(asdict(scene), sort_keys=True).encode()).hexdigest()
 
@@ -223,11 +278,7 @@ def write_split(samples: list[dict], out_dir: str, split: str, image_size: int =
             "id": sample_id,
             "image": relative,
             "family": sample["family"],
-            "conversations": [
-                {"from": "system", "value": SYSTEM_PROMPT},
-                {"from": "human", "value": "<image>\n" + sample["question"]},
-                {"from": "gpt", "value": sample["answer"]},
-            ],
+            "conversations": conversation([(sample["question"], sample["answer"])]),
             "caption": sample["caption"],
             "scene": sample["scene"],
         })
@@ -253,9 +304,28 @@ def synthesize(out_dir: str, train: int, val: int, test: int, seed: int = 0, ima
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": r["caption"]}]} for r in records]
             with open(os.path.join(out_dir, "captions.json"), "w") as f:
                 json.dump(captions, f, indent=1)
+            with open(os.path.join(out_dir, "conversations.json"), "w") as f:
+                json.dump(conversations(records, seed * 1000 + 7), f, indent=1)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(card(counts, seed, image_size))
     return {split: dict(c) for split, c in counts.items()}
+
+
+def conversations(records: list[dict], seed: int) -> list[dict]:
+    """One multi-turn record per image: its own (answer-balanced) question, then a question of every other family
+    the scene can answer, in a seeded random order. Training on these supervises every family on each image."""
+    rng = random.Random(seed)
+    result = []
+    for record in records:
+        scene = scene_from_dict(record["scene"])
+        first = next(t for t in record["conversations"] if t["from"] == "human")["value"].removeprefix("<image>\n")
+        answer = record["conversations"][-1]["value"]
+        others = [(q, a) for family, q, a in scene_questions(scene, rng) if family != record["family"]]
+        turns = [(first, answer), *others]
+        rng.shuffle(turns)
+        result.append({"id": record["id"] + "-turns", "image": record["image"], "family": "all",
+                       "conversations": conversation(turns)})
+    return result
 
 
 def render_counts(counts: dict, console, out_dir: str) -> None:
@@ -276,5 +346,6 @@ def card(counts: dict, seed: int, image_size: int) -> str:
         lines.append(f"| {family} | " + " | ".join(str(counts[s].get(family, 0)) for s in counts)
                      + f" | {', '.join(ANSWERS[family])} |")
     lines += ["", "Files: `{train,val,test}.json` (LLaVA format, with `family` and `scene`), `captions.json` (one "
-              "caption per train image, for alignment), `images/`."]
+              "caption per train image), `conversations.json` (one conversation per train image: its question and "
+              "one of every other family the scene answers, shuffled), `images/`."]
     return "\n".join(lines) + "\n"
