@@ -93,6 +93,34 @@ def test_stages_train_only_their_groups(parts, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-0000003", "step-0000006"]
 
 
+def test_validation_answers_are_logged_plotted_and_reported_without_a_terminal(parts, tmp_path, capsys):
+    from leanvlm.data.llava import read_records
+    from leanvlm.eval.exact_match import evaluate
+
+    top = {"save_every": 0, "eval": {"data": str(parts / "data" / "val.json"), "every": 2, "max_samples": 8,
+                                     "batch_size": 4, "answers": 7}}
+    trainer = Trainer(recipe_from_dict(recipe_dict(parts, tmp_path / "run", **top)), progress=True)
+    trainer.run()
+    log = log_of(tmp_path / "run")
+    validated = [e for e in log if "val_loss" in e]
+    assert [e["global_step"] for e in validated] == [2, 3, 5, 6]  # every 2 steps and at each stage's end
+    for entry in validated:
+        result = entry["val_exact_match"]
+        assert result["samples"] == 7 and 0 <= result["accuracy"] <= 1
+        assert set(result["families"]) == {r["family"] for r in read_records(str(parts / "data" / "val.json"))[:7]}
+    assert (tmp_path / "run" / "training.png").stat().st_size > 10_000
+    # not a terminal: plain progress lines instead of a live display
+    printed = capsys.readouterr().out
+    assert "instruct: 3/3" in printed and "val exact match" in printed
+    # the cached features answer exactly as the images do
+    model, processor = trainer.model.eval(), trainer.processor
+    records = read_records(str(parts / "data" / "val.json"))
+    root = str(parts / "data")
+    from_images = evaluate(model, processor, records, root, 4, 4, progress=False)
+    from_cache = evaluate(model, processor, records, root, 4, 4, progress=False, feature_cache=trainer.feature_cache)
+    assert from_cache["predictions"] == from_images["predictions"]
+
+
 def build_state(recipe):
     """The untrained weights a run of `recipe` starts from (the trainer seeds the same way)."""
     from transformers import set_seed

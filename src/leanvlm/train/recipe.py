@@ -56,9 +56,10 @@ class StageSpec:
 @dataclass
 class EvalSpec:
     data: str
-    every: int = 0  # optimizer steps between validation-loss evaluations (0: at the end of each stage only)
-    max_samples: int = 256
+    every: int = 0  # optimizer steps between evaluations (0: at the end of each stage only)
+    max_samples: int = 256  # records for the validation loss
     batch_size: int = 16
+    answers: int = 0  # records answered greedily at each evaluation, for exact match per family (0: loss only)
 
 
 @dataclass

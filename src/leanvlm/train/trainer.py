@@ -27,6 +27,8 @@ from leanvlm.train.recipe import NEW, Recipe, StageSpec, recipe_to_dict
 
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "log.jsonl"
+CURVES_FILE = "training.png"
+ANSWER_TOKENS = 8  # new tokens per validation answer (ShapesVQA answers are one word or number)
 
 
 @dataclass
@@ -165,7 +167,11 @@ def scored_tokens(batch: dict) -> torch.Tensor:
 def step_status(entry: dict) -> str:
     """A log entry as the progress bar's status text."""
     status = f"loss {entry['loss']:.4f}  lr {max(entry['lr'].values()):.2e}  {entry['tokens_per_s']:.0f} tok/s"
-    return status + (f"  val {entry['val_loss']:.4f}" if "val_loss" in entry else "")
+    if "val_loss" in entry:
+        status += f"  val {entry['val_loss']:.4f}"
+    if "val_exact_match" in entry:
+        status += f"  val exact match {entry['val_exact_match']['accuracy']:.1%}"
+    return status
 
 
 def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float:
@@ -203,11 +209,12 @@ class Trainer:
         )
         self.show_progress = progress and self.accelerator.is_main_process
         self.checkpoint_root = os.path.join(recipe.output_dir, "checkpoints")
+        self.feature_cache = None
 
     # ----- set-up -----
     def _datasets(self, model, processor) -> tuple[list[LLaVADataset], LLaVADataset | None]:
         recipe = self.recipe
-        cache = self._feature_cache(model, processor)
+        cache = self.feature_cache = self._feature_cache(model, processor)
         kwargs = dict(image_root=recipe.image_root, max_length=recipe.max_length, feature_cache=cache,
                       feature_layers=model.config.feature_layers)
         stages = [LLaVADataset(stage.data, processor, template=stage.template, **kwargs) for stage in recipe.stages]
@@ -236,7 +243,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             files = [s.data for s in recipe.stages] + ([recipe.eval.data] if recipe.eval else [])
             paths = sorted({p for f in files for p in data_image_paths(f, recipe.image_root)})
-            with self._progress("encoding images", len(paths)) as advance:
+            layers = model.config.feature_layers
+            cached = sum(all(cache.key(p, layer) in cache for layer in layers) for p in paths)
+            with self._progress("encoding images", len(paths), completed=cached) as advance:
                 encode_images_to_cache(encoder, processor, model.config.feature_layers, select, paths, cache,
                                        progress=advance)
         self.accelerator.wait_for_everyone()
@@ -246,9 +255,25 @@ class Trainer:
     def _progress(self, label: str, total: int, completed: int = 0, status: bool = False):
         """A live progress bar on the main process, yielding `advance(n, status="")`; a no-op when progress is off.
         `status`: a column for the text passed to `advance` (the stage's loss and rate); without it the bar vanishes
-        when done."""
+        when done. When the output is not a terminal (a log file, CI), it prints a line at every tenth of the way
+        and whenever the status has validation results instead."""
         if not self.show_progress:
             yield lambda n, status="": None
+            return
+        import sys
+
+        if not sys.stdout.isatty():
+            done, started, every = completed, time.perf_counter(), max(1, total // 10)
+
+            def report(n: int, status: str = "") -> None:
+                nonlocal done
+                done += n
+                if done % every < n or done == total or "val" in status:
+                    elapsed = time.perf_counter() - started
+                    print(f"{label.removeprefix('[bold]')}: {done}/{total} ({elapsed:.0f} s) {status}".rstrip(),
+                          flush=True)
+
+            yield report
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -321,6 +346,7 @@ class Trainer:
                                  f"{accelerator.num_processes} processes; batch_size is the global micro-batch.")
         set_seed(recipe.seed)
         model, processor = build_model(recipe)
+        processor.template = recipe.stages[-1].template  # the template validation answers are asked in
         if recipe.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         datasets, evaluation = self._datasets(model, processor)
@@ -339,13 +365,13 @@ class Trainer:
                 index, model, processor, datasets[index], evaluation, global_step, resume_here,
                 start.step if resume_here else 0)
             summary["stages"].append(stage_summary)
-        processor.template = recipe.stages[-1].template
         summary["model"] = final = os.path.join(recipe.output_dir, "model")
         if accelerator.is_main_process:
             model.save_pretrained(final)
             processor.save_pretrained(final)
             with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
+            self._plot_curves()
         accelerator.wait_for_everyone()
         self.model, self.processor = model, processor
         return summary
@@ -367,6 +393,15 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(os.path.join(self.recipe.output_dir, LOG_FILE), "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+    def _plot_curves(self) -> None:
+        """<output_dir>/training.png from the log so far (main process)."""
+        from leanvlm.train.curves import plot_curves, read_log
+
+        if self.accelerator.is_main_process:
+            directory = self.recipe.output_dir
+            canvas = plot_curves(read_log(os.path.join(directory, LOG_FILE)), f"training: {directory}")
+            canvas.savefig(os.path.join(directory, CURVES_FILE), dpi=110)
 
     def _run_stage(self, index, model, processor, dataset, evaluation, global_step, checkpoint, done):
         """Train stage `index` from its optimizer step `done` on; returns the unwrapped model, the stage's summary and
@@ -390,12 +425,16 @@ class Trainer:
                 last = step + 1 == run.steps
                 if evaluation is not None and (last or (recipe.eval.every and (step + 1) % recipe.eval.every == 0)):
                     eval_started = time.perf_counter()
-                    entry["val_loss"] = self.validation_loss(self.accelerator.unwrap_model(run.model), evaluation,
-                                                             collate)
+                    unwrapped = self.accelerator.unwrap_model(run.model)
+                    entry["val_loss"] = self.validation_loss(unwrapped, evaluation, collate)
+                    if recipe.eval.answers:
+                        entry["val_exact_match"] = self.validation_exact_match(unwrapped, processor)
                     run.model.train()
                     overhead += time.perf_counter() - eval_started
                 if (step + 1) % recipe.log_every == 0 or last or "val_loss" in entry:
                     self._log(entry)
+                if "val_loss" in entry:
+                    self._plot_curves()
                 advance(1, status=step_status(entry))
                 if last or (recipe.save_every and (step + 1) % recipe.save_every == 0):
                     save_started = time.perf_counter()
@@ -460,6 +499,24 @@ class Trainer:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         return model
+
+    def validation_exact_match(self, model, processor) -> dict:
+        """Greedy answers to the first `eval.answers` validation records (main process; cached features when the
+        recipe has them): exact match overall and per family."""
+        from leanvlm.data.llava import read_records
+        from leanvlm.eval.exact_match import evaluate
+
+        spec, result = self.recipe.eval, {}
+        if self.accelerator.is_main_process:
+            model.eval()
+            root = self.recipe.image_root or os.path.dirname(os.path.abspath(spec.data))
+            with self.accelerator.autocast():
+                scores = evaluate(model, processor, read_records(spec.data)[: spec.answers], root, spec.batch_size,
+                                  ANSWER_TOKENS, progress=False, source=spec.data, feature_cache=self.feature_cache)
+            result = {"accuracy": scores["accuracy"], "samples": scores["samples"],
+                      "families": {name: f["accuracy"] for name, f in scores["families"].items()}}
+        self.accelerator.wait_for_everyone()
+        return result
 
     @torch.no_grad()
     def validation_loss(self, model, dataset, collate) -> float:
