@@ -42,7 +42,8 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
 def test_compare_report_and_variants(tmp_path):
     from tiny import build, pixels
 
-    from leanvlm.compare import parse_variant, prefill_seconds, write_report
+    from leanvlm.compare import equal_time_overrides, paired_verdict, parse_variant, prefill_seconds, write_report
+    from leanvlm.stats import wilson_interval
 
     assert parse_variant("vanilla+probe_skip_vision_ffn_from_layer=2") == (
         "vanilla+probe_skip_vision_ffn_from_layer=2", "vanilla", {"probe_skip_vision_ffn_from_layer": 2})
@@ -54,12 +55,20 @@ def test_compare_report_and_variants(tmp_path):
              "pixel_values": pixels(1), "image_crops": torch.tensor([1])}
     seconds = prefill_seconds(models, batch, repeats=2)
     assert set(seconds) == {"vanilla", "himix"} and all(v > 0 for v in seconds.values())
-    results = {name: {"decoder": name, "options": {}, "accuracy": acc, "families": {"colour": acc},
-                      "decoder_gflops": gflops, "train_seconds_per_step": {"align": 1.0, "instruct": 2.0},
-                      "prefill_ms": 1000 * seconds[name]}
-               for name, acc, gflops in (("vanilla", 0.8, 60.0), ("himix", 0.6, 9.0))}
+    correct = {"vanilla": "1" * 80 + "0" * 20, "himix": "1" * 60 + "0" * 40}  # himix wrong on 20 of vanilla's
+    results = {name: {"decoder": name, "options": {}, "accuracy": acc, "ci95": list(wilson_interval(n, 100)),
+                      "answer_prior": 0.25, "families": {"colour": acc}, "family_priors": {"colour": 1 / 6},
+                      "correct": correct[name], "decoder_gflops": gflops, "train_seconds": 100 * gflops,
+                      "train_steps": {"align": 5, "instruct": 10},
+                      "train_seconds_per_step": {"align": 1.0, "instruct": 2.0}, "prefill_ms": 1000 * seconds[name]}
+               for name, acc, n, gflops in (("vanilla", 0.8, 80, 60.0), ("himix", 0.6, 60, 9.0))}
+    results["himix"]["vs_baseline"] = paired_verdict(results["himix"], results["vanilla"], "himix")
+    assert results["himix"]["vs_baseline"]["only_second"] == 20 and results["himix"]["vs_baseline"]["significant"]
+    assert equal_time_overrides(results["himix"], results["vanilla"]) == ["stages.0.steps=33", "stages.1.steps=67"]
     paths = write_report({"results": results}, str(tmp_path))
     table = (tmp_path / "compare.md").read_text()
-    assert "| himix | 60.0% | 75.0% | 9.00 | 15.0% |" in table
+    assert "| himix | 60.0% [50.2, 69.1] | 75.0% | 9.00 | 15.0% |" in table
+    assert "| answer prior | 25.0% |" in table and "17% |" in table
+    assert "himix is 20.0 points below vanilla: significant (p = 1.9e-06)" in table
     assert json.loads((tmp_path / "compare.json").read_text())["results"]["himix"]["accuracy"] == 0.6
     assert (tmp_path / "compare.png").stat().st_size > 10_000 and len(paths) == 3

@@ -10,8 +10,10 @@ import time
 import yaml
 
 from leanvlm.decoders import BASELINE, DECODERS, all_option_names, option_names
+from leanvlm.demo import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
+from leanvlm.stats import mcnemar
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -52,46 +54,104 @@ def prefill_seconds(models: dict, batch: dict, repeats: int = 5) -> dict[str, fl
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run_compare(out: str, variants: list[str], seed: int = 0, train: int = 3000, test: int = 350,
-                overrides: list[str] = (), console=None) -> dict:
+def train_variant(out: str, data: str, records: list, label: str, decoder: str, options: dict, overrides: list[str],
+                  console) -> tuple[dict, object, object]:
+    """Train the demo recipe for one variant and score it on `records`: (result, model, processor)."""
+    import torch
+
+    from leanvlm.data.llava import LLaVADataset
+    from leanvlm.demo import demo_recipe, flops_per_sample, mean_text_tokens
+    from leanvlm.eval.exact_match import evaluate
+    from leanvlm.train.trainer import Trainer
+
+    console.rule(label)
+    directory = os.path.join(out, label.replace("+", "_").replace("=", "").replace("@", "_at_"))
+    trainer = Trainer(demo_recipe(data, directory, decoder, overrides, **options))
+    summary = trainer.run()
+    model, processor = trainer.model.to(torch.bfloat16).eval(), trainer.processor
+    scores = evaluate(model, processor, records, image_root=data, batch_size=64, max_new_tokens=8, console=console)
+    text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
+                                                template=processor.template))
+    flops = flops_per_sample(decoder, text_tokens, model.config)["total_flops"]
+    result = {
+        "decoder": decoder, "options": options, "overrides": list(overrides),
+        "accuracy": scores["accuracy"], "ci95": scores["ci95"], "answer_prior": scores["answer_prior"],
+        "families": {k: v["accuracy"] for k, v in scores["families"].items()},
+        "families_ci95": {k: v["ci95"] for k, v in scores["families"].items()},
+        "family_priors": {k: v["answer_prior"] for k, v in scores["families"].items()},
+        "correct": "".join("1" if p["correct"] else "0" for p in scores["predictions"]),  # per test question
+        "decoder_gflops": round(flops / 1e9, 3),
+        "train_steps": {s["name"]: s["steps"] for s in summary["stages"]},
+        "train_seconds_per_step": {s["name"]: s["seconds_per_step"] for s in summary["stages"]},
+        "train_seconds": round(sum(s["steps"] * s["seconds_per_step"] for s in summary["stages"]), 1),
+        "model": summary["model"],
+    }
+    return result, model, processor
+
+
+def equal_time_overrides(result: dict, baseline: dict) -> list[str]:
+    """Stage steps scaled so that this variant's optimizer steps take as long as the baseline's did."""
+    scale = baseline["train_seconds"] / result["train_seconds"]
+    steps = result["train_steps"].values()
+    return [f"stages.{i}.steps={max(1, round(count * scale))}" for i, count in enumerate(steps)]
+
+
+def paired_verdict(result: dict, baseline: dict, label: str) -> dict:
+    """McNemar's exact test of a variant against the baseline on the same test questions, with a sentence."""
+    test = mcnemar([c == "1" for c in result["correct"]], [c == "1" for c in baseline["correct"]])
+    difference = 100 * (result["accuracy"] - baseline["accuracy"])
+    direction = "above" if difference > 0 else "below"
+    if test["p_value"] < 0.05:
+        words = (f"{label} is {abs(difference):.1f} points {direction} {BASELINE}: significant "
+                 f"(p = {test['p_value']:.2g})")
+    else:
+        words = (f"{label} is {abs(difference):.1f} points {direction} {BASELINE}: not significant "
+                 f"(p = {test['p_value']:.2g}); the test cannot tell them apart")
+    return {**test, "difference_points": round(difference, 2), "significant": test["p_value"] < 0.05,
+            "verdict": words}
+
+
+def run_compare(out: str, variants: list[str], seed: int = 0, train: int = DEMO_TRAIN, test: int = DEMO_TEST,
+                overrides: list[str] = (), console=None, equal_time: bool = False) -> dict:
+    """Each variant trained on the demo recipe with the same data, steps and seed; with `equal_time`, each
+    non-baseline variant is trained again for the steps that fit the baseline's training time."""
     import torch
     from PIL import Image
     from rich.console import Console
 
-    from leanvlm.data.llava import LLaVADataset, read_records
+    from leanvlm.data.llava import read_records
     from leanvlm.data.templates import generation_prompt, to_messages
-    from leanvlm.demo import data_dir, demo_recipe, flops_per_sample, mean_text_tokens
-    from leanvlm.eval.exact_match import encode_prompts, evaluate
-    from leanvlm.train.trainer import Trainer
+    from leanvlm.demo import data_dir
+    from leanvlm.eval.exact_match import encode_prompts
 
     console = console or Console()
     parsed = [parse_variant(v) for v in variants]
-    data = data_dir(seed, train, 200, test)
+    if equal_time and BASELINE not in [decoder for _, decoder, options in parsed if not options]:
+        raise ValueError(f"Equal-time comparison measures against plain {BASELINE}; add --decoder {BASELINE}.")
+    data = data_dir(seed, train, DEMO_VAL, test)
     records = read_records(os.path.join(data, "test.json"))
-    results, models = {}, {}
-    for label, decoder, options in parsed:
-        console.rule(label)
-        recipe = demo_recipe(data, os.path.join(out, label.replace("+", "_").replace("=", "")), decoder,
-                             overrides, **options)
-        trainer = Trainer(recipe)
-        summary = trainer.run()
-        model, processor = trainer.model.to(torch.bfloat16).eval(), trainer.processor
-        scores = evaluate(model, processor, records, image_root=data, batch_size=32, max_new_tokens=8)
-        text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
-                                                    template=processor.template))
-        flops = flops_per_sample(decoder, text_tokens, model.config)["total_flops"]
-        results[label] = {
-            "decoder": decoder, "options": options, "accuracy": scores["accuracy"],
-            "families": {k: v["accuracy"] for k, v in scores["families"].items()},
-            "decoder_gflops": round(flops / 1e9, 3),
-            "train_seconds_per_step": {s["name"]: s["seconds_per_step"] for s in summary["stages"]},
-            "model": summary["model"],
-        }
-        models[label] = model
+    results, models, processors = {}, {}, []
+
+    def keep(label, outcome):
+        results[label], models[label], processor = outcome
+        processors.append(processor)
+        if BASELINE in results and label != BASELINE:
+            results[label]["vs_baseline"] = paired_verdict(results[label], results[BASELINE], label)
         # what is finished is on disk even if a later variant fails
         write_report({"data": data, "seed": seed, "results": results, "partial": True}, out)
+
+    for label, decoder, options in parsed:
+        keep(label, train_variant(out, data, records, label, decoder, options, list(overrides), console))
+    if equal_time:
+        for label, decoder, options in parsed:
+            if label == BASELINE:
+                continue
+            extra = equal_time_overrides(results[label], results[BASELINE])
+            keep(f"{label}@{BASELINE}-time",
+                 train_variant(out, data, records, f"{label}@{BASELINE}-time", decoder, options,
+                               [*overrides, *extra], console))
     # one test question, prompted as in training, for the prefill timing
-    first = records[0]
+    first, processor = records[0], processors[-1]
     prompt = generation_prompt(to_messages(first["conversations"][:-1], "test"), processor.template,
                                processor.tokenizer)
     input_ids, attention_mask = encode_prompts(processor, [prompt])
@@ -108,21 +168,33 @@ def run_compare(out: str, variants: list[str], seed: int = 0, train: int = 3000,
 
 
 def markdown(report: dict) -> str:
+    """The comparison table (accuracy with its 95% interval, each family's accuracy, the answer priors as a row),
+    then each variant's paired test against the baseline in words."""
     results = report["results"]
     baseline = results.get(BASELINE)
     families = sorted({f for r in results.values() for f in r["families"]})
-    header = ["variant", "accuracy", f"vs {BASELINE}", "decoder GFLOPs", f"vs {BASELINE}", "prefill ms",
-              "train s/step", *families]
+    header = ["variant", "accuracy [95% CI]", f"vs {BASELINE}", "decoder GFLOPs", f"vs {BASELINE}", "prefill ms",
+              "train s/step", "train s", *families]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, r in results.items():
         steps = " / ".join(f"{v:.2f}" for v in r["train_seconds_per_step"].values())
-        row = [label, f"{r['accuracy']:.1%}",
+        low, high = r.get("ci95", (float("nan"), float("nan")))
+        row = [label, f"{r['accuracy']:.1%} [{100 * low:.1f}, {100 * high:.1f}]",
                f"{r['accuracy'] / baseline['accuracy']:.1%}" if baseline and baseline["accuracy"] else "-",
                f"{r['decoder_gflops']:.2f}",
                f"{r['decoder_gflops'] / baseline['decoder_gflops']:.1%}" if baseline else "-",
-               f"{r.get('prefill_ms', float('nan')):.1f}", steps,
+               f"{r.get('prefill_ms', float('nan')):.1f}", steps, f"{r.get('train_seconds', float('nan')):.0f}",
                *(f"{r['families'].get(f, float('nan')):.0%}" for f in families)]
         lines.append("| " + " | ".join(row) + " |")
+    priors = next((r["family_priors"] for r in results.values() if "family_priors" in r), None)
+    if priors:
+        overall = next(r["answer_prior"] for r in results.values() if "answer_prior" in r)
+        lines.append("| answer prior | " + f"{overall:.1%} | " + " | " * 6
+                     + " | ".join(f"{priors.get(f, float('nan')):.0%}" for f in families) + " |")
+    verdicts = [r["vs_baseline"]["verdict"] for r in results.values() if "vs_baseline" in r]
+    if verdicts:
+        lines += ["", f"Paired against {BASELINE} on the same questions (McNemar's exact test):", ""]
+        lines += [f"- {verdict}." for verdict in verdicts]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,8 @@ from leanvlm.reports import write_json
 from leanvlm.train.recipe import Recipe, apply_override, recipe_from_dict
 
 DEMO_RECIPE = "demo.yaml"
+# ShapesVQA sizes: training images, validation and test questions (200 and 30 per family: tight intervals)
+DEMO_TRAIN, DEMO_VAL, DEMO_TEST = 3000, 210, 1400
 LLM_PRESET, VISION_PRESET = "smollm2-135m", "dinov2-s14-224"  # the analytic shapes of the packaged parts
 
 
@@ -48,7 +50,7 @@ def demo_recipe(data: str, output_dir: str, decoder: str | None, overrides: list
     raw["output_dir"] = output_dir
     if decoder is not None:
         raw["model"]["decoder"] = decoder
-    raw["model"]["options"] = dict(model_options)
+    raw["model"]["options"] = {**raw["model"].get("options", {}), **model_options}
     # One feature cache per data set, shared by every run on it.
     raw["features"] = os.path.join(data, "features")
     for override in overrides:
@@ -98,6 +100,15 @@ def ask(model, processor, question: dict) -> str:
     return answer(model, processor, [prompt], [Image.open(question["image"]).convert("RGB")], max_new_tokens=8)[0]
 
 
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far (Linux and macOS report it in different units)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 class Timer:
     """Wall-clock seconds per named phase, in order."""
 
@@ -120,7 +131,7 @@ class Timer:
         return round(time.perf_counter() - self.started, 1)
 
 
-def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: int = 350,
+def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_VAL, test: int = DEMO_TEST,
              decoder: str | None = None, overrides: list[str] = (), console=None) -> dict:
     """Data -> parts -> two-stage training -> test accuracy per family -> FLOPs against vanilla -> a new question.
     Writes <out>/demo.json and the model to <out>/run/model; returns the report."""
@@ -149,7 +160,7 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
     model, processor = trainer.model.to(torch.bfloat16).eval(), trainer.processor
     with timer.phase("eval"):
         results = evaluate(model, processor, read_records(os.path.join(data, "test.json")), image_root=data,
-                           batch_size=32, max_new_tokens=8)
+                           batch_size=64, max_new_tokens=8, console=console)
     text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
                                                 template=processor.template))
     flops = {name: flops_per_sample(name, text_tokens, model.config if name == decoder else None)["total_flops"]
@@ -167,6 +178,7 @@ def run_demo(out: str, seed: int = 0, train: int = 3000, val: int = 200, test: i
         "decoder_gflops_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()},
         "new_question": question,
         "seconds": {**timer.phases, "total": timer.total()},
+        "peak_memory_mib": peak_memory_mib(),
     }
     write_json(os.path.join(out, "demo.json"), report)
     return report
@@ -176,15 +188,10 @@ def render(report: dict, console, report_path: str) -> None:
     """Test accuracy per family, decoder FLOPs against vanilla, the new question and the time per phase."""
     from rich.table import Table
 
+    from leanvlm.eval.exact_match import results_table
+
     test = report["test"]
-    table = Table(title=f"ShapesVQA test accuracy ({report['decoder']}, {test['samples']} questions)")
-    table.add_column("family")
-    table.add_column("accuracy", justify="right")
-    table.add_column("questions", justify="right")
-    for family, result in test["families"].items():
-        table.add_row(family, f"{result['accuracy']:.1%}", str(result["samples"]))
-    table.add_row("[bold]overall", f"[bold]{test['accuracy']:.1%}", str(test["samples"]))
-    console.print(table)
+    console.print(results_table(test, f"ShapesVQA test exact match ({report['decoder']}, {test['samples']} questions)"))
     flops = report["decoder_gflops_per_sample"]
     table = Table(title=f"Decoder prefill per sample ({report['vision_tokens_per_sample']} vision + "
                         f"{report['text_tokens_per_sample']} text tokens, analytic)")
@@ -198,5 +205,6 @@ def render(report: dict, console, report_path: str) -> None:
     console.print(f"new image: {question['image']}\nquestion:  {question['question']}\n"
                   f"answer:    {question['prediction']}   (true: {question['answer']})")
     seconds = report["seconds"]
-    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+                  + f"; peak memory {report['peak_memory_mib']:.0f} MiB")
     console.print(f"model saved to {report['model']}; report {report_path}")
