@@ -72,3 +72,21 @@ def test_compare_report_and_variants(tmp_path):
     assert "himix is 20.0 points below vanilla: significant (p = 1.9e-06)" in table
     assert json.loads((tmp_path / "compare.json").read_text())["results"]["himix"]["accuracy"] == 0.6
     assert (tmp_path / "compare.png").stat().st_size > 10_000 and len(paths) == 3
+
+
+def test_compare_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
+    from leanvlm.compare import finished_run
+    from leanvlm.demo import demo_recipe
+    from leanvlm.train.recipe import recipe_to_dict
+
+    recipe = demo_recipe(str(tmp_path / "data"), str(tmp_path / "run"), "himix")
+    assert finished_run(recipe) is None  # nothing there
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe)))
+    summary = {"model": str(tmp_path / "run" / "model"), "stages": []}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    assert finished_run(recipe) is None  # no saved model in it
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    assert finished_run(recipe) == summary
+    other = demo_recipe(str(tmp_path / "data"), str(tmp_path / "run"), "himix", ["stages.1.steps=7"])
+    assert finished_run(other) is None  # a different recipe in the same place is trained again

@@ -62,13 +62,23 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
     from leanvlm.data.llava import LLaVADataset
     from leanvlm.demo import demo_recipe, flops_per_sample, mean_text_tokens
     from leanvlm.eval.exact_match import evaluate
+    from leanvlm.modeling import LeanVLMForConditionalGeneration
+    from leanvlm.processing import LeanVLMProcessor
     from leanvlm.train.trainer import Trainer
 
     console.rule(label)
     directory = os.path.join(out, label.replace("+", "_").replace("=", "").replace("@", "_at_"))
-    trainer = Trainer(demo_recipe(data, directory, decoder, overrides, **options))
-    summary = trainer.run()
-    model, processor = trainer.model.to(torch.bfloat16).eval(), trainer.processor
+    recipe = demo_recipe(data, directory, decoder, overrides, **options)
+    summary = finished_run(recipe)
+    if summary is None:
+        trainer = Trainer(recipe)
+        summary = trainer.run()
+        model, processor = trainer.model, trainer.processor
+    else:  # an earlier compare trained this exact recipe to the end: reuse it
+        console.print(f"reusing the finished run in {directory}")
+        model = LeanVLMForConditionalGeneration.from_pretrained(summary["model"])
+        processor = LeanVLMProcessor.from_pretrained(summary["model"])
+    model = model.to(torch.bfloat16).eval()
     scores = evaluate(model, processor, records, image_root=data, batch_size=64, max_new_tokens=8, console=console)
     text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
                                                 template=processor.template))
@@ -87,6 +97,23 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
         "model": summary["model"],
     }
     return result, model, processor
+
+
+def finished_run(recipe) -> dict | None:
+    """The summary of a run of exactly this recipe that trained to the end in its output_dir, else None."""
+    import json
+
+    from leanvlm.train.recipe import recipe_to_dict
+
+    paths = [os.path.join(recipe.output_dir, name) for name in ("recipe.json", "summary.json")]
+    if not all(os.path.isfile(path) for path in paths):
+        return None
+    with open(paths[0]) as f:
+        if json.load(f) != json.loads(json.dumps(recipe_to_dict(recipe))):
+            return None
+    with open(paths[1]) as f:
+        summary = json.load(f)
+    return summary if os.path.isfile(os.path.join(summary["model"], "config.json")) else None
 
 
 def equal_time_overrides(result: dict, baseline: dict) -> list[str]:
