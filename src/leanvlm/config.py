@@ -60,6 +60,7 @@ class LeanVLMConfig(PreTrainedConfig):
     # Each policy's own options, documented with its `Options` dataclass (the same names and defaults; the
     # registry tests check that they agree). HiMix (`HiMixOptions`):
     himix_feature_layers: list[int] | None = None
+    himix_zero_init_values: bool = False
 
     # ProxyV (`ProxyVOptions`):
     proxyv_start_layer: int | None = None

@@ -82,7 +82,10 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
         # own `_init_weights` would; raw parameters as the decoder policy defines them.
         std = self.config.text_config.initializer_range
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "zero_init", False):  # a policy option's zero start (himix_zero_init_values)
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:

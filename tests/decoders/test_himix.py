@@ -167,3 +167,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
     torch.testing.assert_close(grads[1][0], grads[0][0])
     for with_ckpt, without in zip(grads[1][1], grads[0][1], strict=True):
         torch.testing.assert_close(with_ckpt, without)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_zero_initialised_values_start_from_attention_mass_only(family, tmp_path):
+    """With `himix_zero_init_values` every vision V starts at zero (bias too) while K starts random: the image then
+    only dilutes the text's attention, which the explicit reference with all-zero vision values reproduces. Loading
+    a saved model keeps its trained values."""
+    model = build("himix", family, himix_zero_init_values=True)
+    for module in model.decoder.vision_kv:
+        assert not module.v_proj.weight.any() and (module.v_proj.bias is None or not module.v_proj.bias.any())
+        assert module.k_proj.weight.std() > 0
+    images = pixels(1)
+    vision = vision_hidden(model, images, model.config.vision_feature_layer)[0]
+    with torch.no_grad():
+        out = model(torch.tensor([prompt(model, "<image>", 7, 8)]), pixel_values=images).logits[0]
+    layers = model.config.text_config.num_hidden_layers
+    torch.testing.assert_close(out, reference_logits(model, [7, 8], [vision] * layers), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for module in model.decoder.vision_kv:
+            module.v_proj.weight.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert all(bool((m.v_proj.weight == 0.5).all()) for m in loaded.decoder.vision_kv)

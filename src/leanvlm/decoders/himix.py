@@ -48,9 +48,13 @@ def feature_layer_per_decoder_layer(feature_layers: list[int], num_layers: int) 
 @dataclass
 class HiMixOptions(PolicyOptions):
     """`himix_feature_layers`: vision-encoder layers mapped onto consecutive groups of decoder layers (None =
-    `vision_feature_layer` for every decoder layer, as in the paper)."""
+    `vision_feature_layer` for every decoder layer, as in the paper). `himix_zero_init_values`: start every vision V
+    projection at zero (a deviation from the paper, whose V starts random like K): the vision keys then add nothing
+    but a little attention mass at initialisation, so training starts from nearly the plain LLM instead of one whose
+    every layer attends to random values."""
 
     himix_feature_layers: list[int] | None = None
+    himix_zero_init_values: bool = False
 
     def resolved(self, num_layers: int) -> HiMixOptions:
         if self.himix_feature_layers is not None:
@@ -108,6 +112,8 @@ class HiMixDecoder(DecoderPolicy):
             for _ in layers
         )
         self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(layers))
+        for vision_kv in self.vision_kv:
+            vision_kv.v_proj.zero_init = config.himix_zero_init_values  # read by the model's weight init
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"vision_kv": list(self.vision_kv.parameters())}
