@@ -50,7 +50,12 @@ def demo_recipe(data: str, output_dir: str, decoder: str | None, overrides: list
     raw["output_dir"] = output_dir
     if decoder is not None:
         raw["model"]["decoder"] = decoder
-    raw["model"]["options"] = {**raw["model"].get("options", {}), **model_options}
+    # The packaged recipe may set options of its own decoder's policy; another decoder trains without them.
+    from leanvlm.decoders import DECODERS, all_option_names, option_names
+
+    foreign = set(all_option_names()) - set(option_names(DECODERS[raw["model"]["decoder"]]))
+    packaged = {k: v for k, v in raw["model"].get("options", {}).items() if k not in foreign}
+    raw["model"]["options"] = {**packaged, **model_options}
     # One feature cache per data set, shared by every run on it.
     raw["features"] = os.path.join(data, "features")
     for override in overrides:
