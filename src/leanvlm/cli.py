@@ -296,7 +296,7 @@ def data_synth(
     seed: int = typer.Option(0, help="Seed: the same seed writes the same bytes."),
     image_size: int = typer.Option(224, min=32, help="Image side in pixels."),
 ) -> None:
-    """Generate ShapesVQA: images, LLaVA-format train/val/test JSON, a captions file and a card."""
+    """Generate ShapesVQA: images, LLaVA-format train/val/test JSON, captions, multi-turn conversations and a card."""
     from rich.console import Console
 
     from leanvlm.data.synthetic import render_counts, synthesize

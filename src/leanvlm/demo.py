@@ -212,4 +212,5 @@ def render(report: dict, console, report_path: str) -> None:
     seconds = report["seconds"]
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
                   + f"; peak memory {report['peak_memory_mib']:.0f} MiB")
-    console.print(f"model saved to {report['model']}; report {report_path}")
+    curves = os.path.join(os.path.dirname(report["model"]), "training.png")
+    console.print(f"model saved to {report['model']}; learning curves {curves}; report {report_path}")
