@@ -15,6 +15,7 @@ from leanvlm.cli import app
 from leanvlm.data.llava import LLaVADataset
 from leanvlm.decoders.base import IGNORE_INDEX
 from leanvlm.eval.exact_match import encode_prompts, evaluate, normalize, questions, score
+from leanvlm.stats import wilson_interval
 
 
 def tokenizer():
@@ -108,9 +109,12 @@ def test_batched_answers_equal_one_by_one_generation_and_are_scored(data, decode
     assert [p["prediction"] for p in result["predictions"]] == expected
     assert [p["correct"] for p in result["predictions"]] == [True, False, True, False, True]
     assert (result["samples"], result["correct"], result["accuracy"]) == (5, 3, 0.6)
-    assert result["families"] == {"colour": {"samples": 2, "correct": 2, "accuracy": 1.0},
-                                  "count": {"samples": 2, "correct": 1, "accuracy": 0.5}}
+    assert counts(result["families"]) == {"colour": (2, 2, 1.0), "count": (2, 1, 0.5)}
     assert result["template"] == template
+
+
+def counts(families: dict) -> dict:
+    return {name: (f["samples"], f["correct"], f["accuracy"]) for name, f in families.items()}
 
 
 def test_normalisation_and_per_family_accounting(data):
@@ -122,8 +126,15 @@ def test_normalisation_and_per_family_accounting(data):
     assert [p["correct"] for p in result["predictions"]] == [True, False, True, True, True]
     assert (result["samples"], result["correct"], result["accuracy"]) == (5, 4, 0.8)
     # the record without a family counts only overall
-    assert result["families"] == {"colour": {"samples": 2, "correct": 2, "accuracy": 1.0},
-                                  "count": {"samples": 2, "correct": 1, "accuracy": 0.5}}
+    assert counts(result["families"]) == {"colour": (2, 2, 1.0), "count": (2, 1, 0.5)}
+    # intervals and answer priors: each family's references are two different answers (the prior is 1/2); the
+    # overall prior, with a record outside every family, is the overall majority share (five different answers)
+    for family in result["families"].values():
+        assert family["ci95"] == list(wilson_interval(family["correct"], family["samples"]))
+        assert family["answer_prior"] == 0.5
+    assert result["ci95"] == list(wilson_interval(4, 5)) and result["answer_prior"] == 0.2
+    asked[1].reference = asked[4].reference = "red"  # "red" is now three of the five references
+    assert score(asked, ["x"] * 5)["answer_prior"] == 0.6
     assert result["predictions"][1] == {"id": "turns", "family": "count", "question": "How many circles?",
                                         "reference": "two", "prediction": "2", "correct": False}
 
