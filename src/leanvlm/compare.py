@@ -210,7 +210,8 @@ def markdown(report: dict) -> str:
                f"{r['accuracy'] / baseline['accuracy']:.1%}" if baseline and baseline["accuracy"] else "-",
                f"{r['decoder_gflops']:.2f}",
                f"{r['decoder_gflops'] / baseline['decoder_gflops']:.1%}" if baseline else "-",
-               f"{r.get('prefill_ms', float('nan')):.1f}", steps, f"{r.get('train_seconds', float('nan')):.0f}",
+               f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "-", steps,
+               f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-",
                *(f"{r['families'].get(f, float('nan')):.0%}" for f in families)]
         lines.append("| " + " | ".join(row) + " |")
     priors = next((r["family_priors"] for r in results.values() if "family_priors" in r), None)
