@@ -90,3 +90,16 @@ def test_compare_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
     assert finished_run(recipe) == summary
     other = demo_recipe(str(tmp_path / "data"), str(tmp_path / "run"), "himix", ["stages.1.steps=7"])
     assert finished_run(other) is None  # a different recipe in the same place is trained again
+
+
+def test_demo_recipe_keeps_its_policy_options_for_its_own_decoder_only(tmp_path):
+    from leanvlm.config import LeanVLMConfig
+    from leanvlm.demo import demo_recipe
+
+    own = demo_recipe(str(tmp_path), str(tmp_path / "run"), None)
+    assert own.model.decoder == "himix" and own.model.options["himix_zero_init_values"] is True
+    for recipe in (demo_recipe(str(tmp_path), str(tmp_path / "run"), "vanilla"),
+                   demo_recipe(str(tmp_path), str(tmp_path / "run"), None, ["model.decoder=vanilla"])):
+        assert recipe.model.decoder == "vanilla" and "himix_zero_init_values" not in recipe.model.options
+        assert recipe.model.options["vision_feature_layer"] == 8
+        LeanVLMConfig(decoder="vanilla", **recipe.model.options)  # a valid vanilla configuration

@@ -127,7 +127,7 @@ def paired_verdict(result: dict, baseline: dict, label: str) -> dict:
     """McNemar's exact test of a variant against the baseline on the same test questions, with a sentence."""
     test = mcnemar([c == "1" for c in result["correct"]], [c == "1" for c in baseline["correct"]])
     difference = 100 * (result["accuracy"] - baseline["accuracy"])
-    direction = "above" if difference > 0 else "below"
+    direction = "above" if difference > 0 else "below" if difference < 0 else "away from"
     if test["p_value"] < 0.05:
         words = (f"{label} is {abs(difference):.1f} points {direction} {BASELINE}: significant "
                  f"(p = {test['p_value']:.2g})")
@@ -162,8 +162,9 @@ def run_compare(out: str, variants: list[str], seed: int = 0, train: int = DEMO_
     def keep(label, outcome):
         results[label], models[label], processor = outcome
         processors.append(processor)
-        if BASELINE in results and label != BASELINE:
-            results[label]["vs_baseline"] = paired_verdict(results[label], results[BASELINE], label)
+        for other, result in results.items():  # every variant paired with the baseline, whichever came first
+            if BASELINE in results and other != BASELINE:
+                result["vs_baseline"] = paired_verdict(result, results[BASELINE], other)
         # what is finished is on disk even if a later variant fails
         write_report({"data": data, "seed": seed, "results": results, "partial": True}, out)
 

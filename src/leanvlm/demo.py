@@ -50,16 +50,19 @@ def demo_recipe(data: str, output_dir: str, decoder: str | None, overrides: list
     raw["output_dir"] = output_dir
     if decoder is not None:
         raw["model"]["decoder"] = decoder
-    # The packaged recipe may set options of its own decoder's policy; another decoder trains without them.
-    from leanvlm.decoders import DECODERS, all_option_names, option_names
-
-    foreign = set(all_option_names()) - set(option_names(DECODERS[raw["model"]["decoder"]]))
-    packaged = {k: v for k, v in raw["model"].get("options", {}).items() if k not in foreign}
-    raw["model"]["options"] = {**packaged, **model_options}
+    raw["model"]["options"] = {**(raw["model"].get("options") or {}), **model_options}
     # One feature cache per data set, shared by every run on it.
     raw["features"] = os.path.join(data, "features")
     for override in overrides:
         apply_override(raw, override)
+    # The packaged recipe may set options of its own decoder's policy; another decoder trains without them.
+    from leanvlm.decoders import DECODERS, all_option_names, option_names
+
+    decoder = raw["model"]["decoder"]
+    if decoder in DECODERS:  # an unknown name is reported by the recipe check
+        foreign = set(all_option_names()) - set(option_names(DECODERS[decoder]))
+        options = raw["model"].get("options") or {}
+        raw["model"]["options"] = {k: v for k, v in options.items() if k not in foreign or k in model_options}
     return recipe_from_dict(raw, where=DEMO_RECIPE, base=data)
 
 

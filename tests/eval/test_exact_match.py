@@ -135,6 +135,9 @@ def test_normalisation_and_per_family_accounting(data):
     assert result["ci95"] == list(wilson_interval(4, 5)) and result["answer_prior"] == 0.2
     asked[1].reference = asked[4].reference = "red"  # "red" is now three of the five references
     assert score(asked, ["x"] * 5)["answer_prior"] == 0.6
+    # every record in a family: the families' priors weighted by their size, (2 x 1/2 + 2 x 1) / 4
+    with_families = [q for q in asked if q.family is not None]
+    assert score(with_families, ["x"] * 4)["answer_prior"] == 0.75
     assert result["predictions"][1] == {"id": "turns", "family": "count", "question": "How many circles?",
                                         "reference": "two", "prediction": "2", "correct": False}
 

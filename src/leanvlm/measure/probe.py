@@ -183,7 +183,7 @@ def run(data: str, layer_sets: list[str], vision: str = "dinov2-s14", steps: int
             for family in sorted(set(test["families"]))}, "seconds": round(time.perf_counter() - started, 1)}
     priors = {family: 1 / len(answers) for family, answers in ANSWERS.items()}
     return {"data": data, "vision": vision, "train_samples": len(train["answers"]),
-            "test_samples": len(test["answers"]), "steps": steps, "answer_priors": priors, "results": results}
+            "test_samples": len(test["answers"]), "steps": steps, "chance": priors, "results": results}
 
 
 def score(correct: list[bool]) -> dict:
@@ -196,7 +196,7 @@ def markdown(report: dict) -> str:
     families = sorted({f for r in report["results"].values() for f in r["families"]})
     header = ["layers", "overall", *families]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             "| answer prior | - | " + " | ".join(f"{report['answer_priors'][f]:.0%}" for f in families) + " |"]
+             "| chance (1 / answers) | - | " + " | ".join(f"{report['chance'][f]:.0%}" for f in families) + " |"]
     for name, r in report["results"].items():
         cells = [f"{r['accuracy']['accuracy']:.1%}"]
         cells += [f"{r['families'][f]['accuracy']:.0%}" for f in families]
@@ -205,21 +205,21 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict):
-    """Per-family probe accuracy (with 95% intervals) for each layer set, the answer prior as a tick."""
+    """Per-family probe accuracy (with 95% intervals) for each layer set; chance (1 / answers) as a tick."""
     canvas, (axis,) = figure(1, (10, 4))
-    families = sorted(report["answer_priors"])
+    families = sorted(report["chance"])
     names = list(report["results"])
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         fams = report["results"][name]["families"]
         xs = [j + i * width for j in range(len(families))]
         values = [100 * fams[f]["accuracy"] if f in fams else 0 for f in families]
-        errors = [[100 * (fams[f]["accuracy"] - fams[f]["ci95"][0]) for f in families],
-                  [100 * (fams[f]["ci95"][1] - fams[f]["accuracy"]) for f in families]]
+        errors = [[100 * (fams[f]["accuracy"] - fams[f]["ci95"][0]) if f in fams else 0 for f in families],
+                  [100 * (fams[f]["ci95"][1] - fams[f]["accuracy"]) if f in fams else 0 for f in families]]
         axis.bar(xs, values, width, yerr=errors, label=f"layer(s) {name}", capsize=2)
     axis.scatter([j + 0.4 - width / 2 for j in range(len(families))],
-                 [100 * report["answer_priors"][f] for f in families], marker="_", s=400, color="black",
-                 label="answer prior", zorder=3)
+                 [100 * report["chance"][f] for f in families], marker="_", s=400, color="black",
+                 label="chance (1 / answers)", zorder=3)
     axis.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families)
     axis.set_ylabel("probe test accuracy (%)")
     axis.set_title(f"What frozen {report['vision']} features support (question-conditioned attention probe)")

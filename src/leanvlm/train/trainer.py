@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -353,6 +353,9 @@ class Trainer:
         if accelerator.is_main_process:
             os.makedirs(recipe.output_dir, exist_ok=True)
             self._drop_checkpoints_after(start if checkpoint else None)
+            # summary.json marks a finished run of recipe.json (compare reuses such runs): not until this one ends
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(recipe.output_dir, "summary.json"))
             with open(os.path.join(recipe.output_dir, "recipe.json"), "w") as f:
                 json.dump(recipe_to_dict(recipe), f, indent=2)
             self._trim_log(start, fresh=checkpoint is None)
@@ -428,7 +431,9 @@ class Trainer:
                     unwrapped = self.accelerator.unwrap_model(run.model)
                     entry["val_loss"] = self.validation_loss(unwrapped, evaluation, collate)
                     if recipe.eval.answers:
-                        entry["val_exact_match"] = self.validation_exact_match(unwrapped, processor)
+                        answered = self.validation_exact_match(unwrapped, processor)
+                        if answered:  # the main process's
+                            entry["val_exact_match"] = answered
                     run.model.train()
                     overhead += time.perf_counter() - eval_started
                 if (step + 1) % recipe.log_every == 0 or last or "val_loss" in entry:
