@@ -66,6 +66,14 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
+    def holds(self, image_path: str, layers) -> bool:
+        """Whether the image's features of every one of `layers` are cached."""
+        return all(self.key(image_path, layer) in self for layer in layers)
+
+    def image_features(self, image_path: str, layers) -> dict[int, torch.Tensor]:
+        """{layer: (n_crops, N, d_v)}: one image's cached features."""
+        return {layer: self.get(self.key(image_path, layer)) for layer in layers}
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self.index:
             raise KeyError(f"No cached features for {key}; run `leanvlm data encode` with the same encoder and crop "
@@ -103,7 +111,7 @@ def encode_images_to_cache(vision_model, images, layers: list[int], select: str,
     `ImagePreprocessor`; `progress(n)` is called after each batch of n images."""
     from PIL import Image
 
-    todo = sorted({p for p in image_paths if any(cache.key(p, layer) not in cache for layer in layers)})
+    todo = sorted({p for p in image_paths if not cache.holds(p, layers)})
     pending: dict[str, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -173,7 +181,7 @@ def encode_data(data_files: list[str], out: str, *, vision: str | None = None, m
         if progress is not None:
             progress(done, len(paths))
 
-    advance(sum(all(cache.key(p, k) in cache for k in settings["layers"]) for p in paths))  # cached already
+    advance(sum(cache.holds(p, settings["layers"]) for p in paths))  # cached already
     encoded = encode_images_to_cache(encoder, images, settings["layers"], settings["select"], paths, cache,
                                      batch_size, progress=advance)
     report = {"signature": signature, "encoder": encoder.name_or_path, **settings, "dtype": dtype,

@@ -130,7 +130,7 @@ class LLaVADataset(torch.utils.data.Dataset):
             paths = paths[: ids.count(self.processor.image_token_id)]
         if self.feature_cache is not None:
             cache = self.feature_cache
-            features = [{layer: cache.get(cache.key(p, layer)) for layer in self.feature_layers} for p in paths]
+            features = [cache.image_features(p, self.feature_layers) for p in paths]
             return {"input_ids": ids, "labels": labels, "features": features}
         return {"input_ids": ids, "labels": labels, "images": [Image.open(p).convert("RGB") for p in paths]}
 
@@ -140,6 +140,13 @@ class LLaVADataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         """Token lengths (images counted as one placeholder), for length-grouped sampling."""
         return [len(self.tokenize(i)[0]) for i in range(len(self))]
+
+
+def stack_features(features: list[dict]) -> tuple[dict, torch.Tensor]:
+    """Cached encoder features of several images, {layer: (n_crops, N, d_v)} each -> the model's `vision_features`
+    {layer: (all crops, N, d_v)} and `image_crops` (crops per image)."""
+    stacked = {layer: torch.cat([f[layer] for f in features]) for layer in features[0]}
+    return stacked, torch.tensor([next(iter(f.values())).shape[0] for f in features])
 
 
 class Collator:
@@ -162,9 +169,8 @@ class Collator:
             mask[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         features = [image for sample in samples for image in sample.get("features", [])]
-        if features:  # cached encoder features: {layer: (n_crops, N, d_v)} per image
-            batch["vision_features"] = {layer: torch.cat([f[layer] for f in features]) for layer in features[0]}
-            batch["image_crops"] = torch.tensor([next(iter(f.values())).shape[0] for f in features])
+        if features:
+            batch["vision_features"], batch["image_crops"] = stack_features(features)
             return batch
         images = [image for sample in samples for image in sample.get("images", [])]
         if images:

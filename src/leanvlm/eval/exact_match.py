@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from leanvlm.config import IMAGE_TOKEN
-from leanvlm.data.llava import record_image_paths
+from leanvlm.data.llava import record_image_paths, stack_features
 from leanvlm.data.templates import generation_prompt, to_messages
 from leanvlm.decoders.base import left_pad
 from leanvlm.processing import PROCESSOR_FILE
@@ -137,11 +137,8 @@ def score(asked: list[Question], predictions: list[str]) -> dict:
 
 def cached_context(model, feature_cache, paths: list[str]):
     """The image context of `paths` from a `FeatureCache` of this model's encoder (the encoder does not run)."""
-    layers = model.config.feature_layers
-    features = [{layer: feature_cache.get(feature_cache.key(p, layer)) for layer in layers} for p in paths]
-    crops = torch.tensor([f[layers[0]].shape[0] for f in features])
-    stacked = {layer: torch.cat([f[layer] for f in features]).to(model.device) for layer in layers}
-    return model.context_from_features(stacked, crops)
+    features, crops = stack_features([feature_cache.image_features(p, model.config.feature_layers) for p in paths])
+    return model.context_from_features(features, crops)
 
 
 def evaluate(model, processor, records: list, image_root: str = ".", batch_size: int = 16,

@@ -128,8 +128,8 @@ def load_split(path: str, image_root: str, cache, layers: list[int], vocabulary:
         turns = record["conversations"]
         question = next(t["value"] for t in turns if t["from"] == "human")
         (image,) = record_image_paths(record, image_root)
-        for layer in layers:
-            features[layer].append(cache.get(cache.key(image, layer))[0])
+        for layer, tensor in cache.image_features(image, layers).items():
+            features[layer].append(tensor[0])  # the one crop
         for word in words(question):
             vocabulary.setdefault(word, len(vocabulary))
         questions.append([vocabulary[w] for w in words(question)])
@@ -145,10 +145,8 @@ def run(data: str, layer_sets: list[str], vision: str = "dinov2-s14", steps: int
     encoded into `data`/features (shared with training) first when missing."""
     from rich.progress import Progress
 
-    from leanvlm.data.features import FeatureCache, encode_data, feature_signature
+    from leanvlm.data.features import FeatureCache, encode_data
     from leanvlm.data.synthetic import ANSWERS
-    from leanvlm.modeling import load_vision_model
-    from leanvlm.processing import ImagePreprocessor, encoder_image_processor
 
     sets = parse_layer_sets(layer_sets)
     layers = sorted({layer for s in sets for layer in s})
@@ -159,11 +157,9 @@ def run(data: str, layer_sets: list[str], vision: str = "dinov2-s14", steps: int
     out = os.path.join(data, "features")
     with Progress(console=console, disable=console is None) as bar:
         task = bar.add_task("encoding images", total=None)
-        encode_data(files, out, vision=vision, layers=layers,
-                    progress=lambda done, total: bar.update(task, advance=done, total=total))
-    encoder = load_vision_model(vision, torch.bfloat16)
-    images = ImagePreprocessor(encoder_image_processor(encoder), 1, None)
-    cache = FeatureCache(out, feature_signature(encoder.to(torch.bfloat16), "patch", images))
+        encoded = encode_data(files, out, vision=vision, layers=layers,
+                              progress=lambda done, total: bar.update(task, advance=done, total=total))
+    cache = FeatureCache(out, encoded["signature"])
     vocabulary, answer_ids = {"<unk>": 0}, {}
     train = load_split(files[0], data, cache, layers, vocabulary, answer_ids, train_limit)
     test = load_split(files[1], data, cache, layers, vocabulary, answer_ids, None)

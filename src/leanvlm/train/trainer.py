@@ -243,8 +243,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             files = [s.data for s in recipe.stages] + ([recipe.eval.data] if recipe.eval else [])
             paths = sorted({p for f in files for p in data_image_paths(f, recipe.image_root)})
-            layers = model.config.feature_layers
-            cached = sum(all(cache.key(p, layer) in cache for layer in layers) for p in paths)
+            cached = sum(cache.holds(p, model.config.feature_layers) for p in paths)
             with self._progress("encoding images", len(paths), completed=cached) as advance:
                 encode_images_to_cache(encoder, processor, model.config.feature_layers, select, paths, cache,
                                        progress=advance)
