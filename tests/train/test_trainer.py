@@ -119,6 +119,18 @@ def test_validation_answers_are_logged_plotted_and_reported_without_a_terminal(p
     from_images = evaluate(model, processor, records, root, 4, 4, progress=False)
     from_cache = evaluate(model, processor, records, root, 4, 4, progress=False, feature_cache=trainer.feature_cache)
     assert from_cache["predictions"] == from_images["predictions"]
+    # and the context built from the cache is the one the encoder builds from the pixels
+    from PIL import Image
+
+    from leanvlm.eval.exact_match import cached_context
+
+    paths = [str(parts / "data" / r["image"]) for r in records[:3]]
+    pixels, crops = processor.preprocess_images([Image.open(p).convert("RGB") for p in paths])
+    with torch.no_grad():
+        direct = model.encode_images(pixels, crops)
+        cached = cached_context(model, trainer.feature_cache, paths)
+    torch.testing.assert_close(cached.tokens, direct.tokens)
+    assert cached.crops == direct.crops and cached.grid == direct.grid
 
 
 def build_state(recipe):
