@@ -62,6 +62,18 @@ class ImageContext:
     def to(self, *args, **kwargs) -> ImageContext:
         return ImageContext(self.decoder, self.tokens.to(*args, **kwargs), self.crops, self.grid)
 
+    @classmethod
+    def cat(cls, contexts: list[ImageContext]) -> ImageContext:
+        """The images of several contexts of one decoder, in order (e.g. cached images of different requests)."""
+        first = contexts[0]
+        if any(c.decoder != first.decoder or c.grid != first.grid for c in contexts):
+            raise ValueError("Only image contexts of one decoder and patch grid can be joined.")
+        tokens = torch.cat([c.tokens for c in contexts]) if len(contexts) > 1 else first.tokens
+        return cls(first.decoder, tokens, [n for c in contexts for n in c.crops], first.grid)
+
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.tokens.element_size()
+
 
 @dataclass
 class VisionPrefix:

@@ -76,13 +76,15 @@ def questions(records: list, template: str, tokenizer, image_root: str = ".", so
 def encode_prompts(processor, prompts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt pieces -> left-padded `input_ids` and `attention_mask`. Each piece is tokenized on its own, without
     special tokens, exactly as `LLaVADataset.tokenize` builds training samples."""
-    tokenizer = processor.tokenizer
-    rows = []
-    for pieces in prompts:
-        ids = [t for piece in pieces for t in tokenizer(piece, add_special_tokens=False)["input_ids"]]
-        rows.append([processor.image_token_id if t == processor.tokenizer_image_id else t for t in ids])
-    input_ids, valid = left_pad([torch.tensor(row, dtype=torch.long) for row in rows], tokenizer.pad_token_id)
+    rows = [torch.tensor(prompt_ids(processor, pieces), dtype=torch.long) for pieces in prompts]
+    input_ids, valid = left_pad(rows, processor.tokenizer.pad_token_id)
     return input_ids, valid.long()
+
+
+def prompt_ids(processor, pieces: list[str]) -> list[int]:
+    """One prompt's pieces -> the model's token ids (its own `<image>` id at the placeholders)."""
+    ids = [t for piece in pieces for t in processor.tokenizer(piece, add_special_tokens=False)["input_ids"]]
+    return [processor.image_token_id if t == processor.tokenizer_image_id else t for t in ids]
 
 
 @torch.no_grad()
