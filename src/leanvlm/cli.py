@@ -419,6 +419,86 @@ def eval_command(
 
 
 @app.command()
+@user_errors()
+def serve(
+    model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default: other machines cannot reach "
+                             "it unless you say so)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    served_model_name: str = typer.Option(None, help="The name clients send as `model` (default: the directory's)."),
+    api_key: str = typer.Option(None, envvar="LEANVLM_API_KEY", help="Require `Authorization: Bearer KEY` on "
+                                "every route but /health."),
+    dtype: str = typer.Option(None, help="Run the weights in this dtype (default: as saved).", **one_of(DTYPES)),
+    max_batch_size: int = typer.Option(16, min=1, help="Most requests decoded together."),
+    max_prefill_tokens: int = typer.Option(4096, min=1, help="Most decoder tokens prefilled in one engine step."),
+    max_waiting: int = typer.Option(64, min=0, help="Requests that may wait; more are answered 429."),
+    image_cache_mb: float = typer.Option(1024, min=0, help="Memory for encoded images (0: no cache)."),
+    max_images: int = typer.Option(4, min=0, help="Most images in one request."),
+    max_image_mb: float = typer.Option(20, min=0, help="Largest image file accepted."),
+    allowed_local_media_path: Path = typer.Option(None, help="Let requests name image files under this "
+                                                  "directory (by path or file:// URL)."),
+    allow_remote_images: bool = typer.Option(False, help="Fetch http(s) image URLs."),
+    image_fetch_timeout: float = typer.Option(5.0, min=0.1, help="Seconds to wait for a remote image."),
+    max_tokens: int = typer.Option(256, min=1, help="Answer length when a request sets no max_tokens."),
+) -> None:
+    """An OpenAI-compatible server (POST /v1/chat/completions, streamed or not; GET /v1/models, /health,
+    /metrics) on a continuous-batching engine with an image-context cache."""
+    from leanvlm.serve.images import ImageSources
+    from leanvlm.serve.server import ServerSettings
+    from leanvlm.serve.server import serve as run_server
+
+    if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
+        raise typer.BadParameter(f"{allowed_local_media_path} is not a directory",
+                                 param_hint="--allowed-local-media-path")
+    images = ImageSources(int(max_image_mb * (1 << 20)),
+                          str(allowed_local_media_path) if allowed_local_media_path else None,
+                          allow_remote_images, image_fetch_timeout)
+    run_server(str(model_dir), ServerSettings(
+        host=host, port=port, model_name=served_model_name, api_key=api_key, dtype=dtype,
+        max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens, max_waiting=max_waiting,
+        image_cache_mb=image_cache_mb, max_images=max_images, default_max_tokens=max_tokens, images=images))
+
+
+@app.command()
+@user_errors()
+def loadtest(
+    llm: str = typer.Option("smollm2-135m", help="A packaged part or an LLM preset of `leanvlm flops`."),
+    vision: str = typer.Option("dinov2-s14", help="A packaged part or a vision preset."),
+    decoder: list[str] = typer.Option(None, help="Decoders to serve, one server each (default: all).",
+                                      **one_of(DECODERS)),
+    requests: int = typer.Option(64, min=1, help="Requests per scenario."),
+    concurrency: str = typer.Option("1,4,16", help="Concurrent clients, comma-separated scenarios."),
+    max_tokens: str = typer.Option("1,32", help="Answer lengths in tokens, comma-separated scenarios."),
+    images: str = typer.Option("distinct,repeated", help="distinct: a new image per request; repeated: one image."),
+    dtype: str = typer.Option("bfloat16", **one_of(DTYPES)),
+    max_batch_size: int = typer.Option(16, min=1),
+    time_limit: float = typer.Option(600, min=1, help="Seconds per scenario; unanswered requests count as failed."),
+    out: Path = typer.Option(Path("loadtest"), help="Directory for loadtest.json, .md and .png."),
+) -> None:
+    """Throughput, TTFT and per-token latency of `leanvlm serve` under a bounded load, per decoder: a real server
+    on a free loopback port, streamed requests at each concurrency, distinct or repeated images."""
+    from rich.console import Console
+
+    from leanvlm.serve import loadtest as lt
+
+    def numbers(text: str, name: str) -> list[int]:
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError as error:
+            raise typer.BadParameter(f"{text!r}: give comma-separated whole numbers", param_hint=name) from error
+
+    console = Console()
+    settings = lt.LoadSettings(llm=llm, vision=vision, decoders=decoder or list(DECODERS), requests=requests,
+                               concurrency=numbers(concurrency, "--concurrency"),
+                               max_tokens=numbers(max_tokens, "--max-tokens"),
+                               images=[part.strip() for part in images.split(",") if part.strip()], dtype=dtype,
+                               max_batch_size=max_batch_size, time_limit=time_limit)
+    report = lt.run(settings, console)
+    for path in lt.write_report(report, str(out)):
+        console.print(f"wrote {path}")
+
+
+@app.command()
 def chat(
     model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor."),
     image: Path = typer.Option(..., help="The image to talk about."),
