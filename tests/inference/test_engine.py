@@ -166,3 +166,15 @@ def test_bad_requests_say_what_is_wrong():
         engine.request(ids, images, max_new_tokens=0)
     with pytest.raises(ValueError, match="could not be decoded"):
         ImageInput.from_bytes(b"not an image")
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_the_prompt_length_the_engine_budgets_is_the_decoder_sequence(decoder):
+    model, processor, engine = setup(decoder)
+    for ids, images in chats(engine):
+        extra = {}
+        if images:
+            extra["pixel_values"], extra["image_crops"] = processor.preprocess_images([i.image for i in images])
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), **extra)
+        assert engine.prompt_length(ids, len(images)) == int(out.attention_mask.sum())

@@ -25,8 +25,12 @@ def test_a_small_load_is_answered_in_full_and_reported(monkeypatch, tmp_path):
         expected_hits = 0 if row["images"] == "distinct" else 5 / 6  # one image, encoded for the first request
         assert row["image_cache_hit_rate"] == pytest.approx(expected_hits)
         assert 0 <= row["engine_overhead"] < 1 and row["ttft_p95_ms"] >= row["ttft_p50_ms"] > 0
-    assert set(report["ratios"]["himix"]) == {"throughput_vs_vanilla_c3", "scaling_c3_vs_c1",
-                                              "cached_ttft_vs_vanilla_uncached_c1", "engine_overhead_c3"}
+    assert set(report["ratios"]["himix"]) == {"throughput_vs_vanilla_c3_1tok", "throughput_vs_vanilla_c3_4tok",
+                                              "scaling_c3_vs_c1_4tok", "cached_ttft_vs_vanilla_uncached_c1",
+                                              "engine_overhead_c3_4tok"}
+    top = {(r["decoder"], r["max_tokens"]): r["requests_per_s"] for r in rows
+           if r["concurrency"] == 3 and r["images"] == "distinct"}
+    assert report["ratios"]["himix"]["throughput_vs_vanilla_c3_1tok"] == top["himix", 1] / top["vanilla", 1]
     paths = loadtest.write_report(report, str(tmp_path))
     assert [p.rsplit(".", 1)[1] for p in paths] == ["json", "md", "png"]
     assert json.loads((tmp_path / "loadtest.json").read_text())["rows"] == rows

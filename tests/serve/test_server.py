@@ -151,12 +151,18 @@ def test_images_from_an_allowed_directory_and_from_loopback_http(parts, tmp_path
         files.shutdown()
 
 
-def test_a_client_that_leaves_cancels_its_request(parts):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_cancels_its_request(parts, stream):
     model, processor = parts
     with running_server(app_for(model, processor)) as url:
-        body = chat(png(5), max_tokens=200, stream=True, ignore_eos=True)  # long enough to be cut short
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
-            next(response.iter_lines())  # the first event, then hang up
+        body = chat(png(5), max_tokens=200, stream=stream, ignore_eos=True)  # long enough to be cut short
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())  # the first event, then hang up
+        else:
+            with pytest.raises(httpx.TimeoutException):  # the client gives up waiting and hangs up
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.1)
         deadline = time.monotonic() + 30
         while 'reason="cancelled"} 1' not in httpx.get(f"{url}/metrics", timeout=10).text:
             assert time.monotonic() < deadline, "the request was not cancelled"
@@ -179,8 +185,8 @@ FIELDS = st.fixed_dictionaries({}, optional={
 def fuzz_target(parts):
     """One server for every fuzz example (starting one per example would dominate the test's time)."""
     model, processor = parts
-    with TestClient(app_for(model, processor)) as client:
-        yield client, expected_answer(model, processor, None)
+    with running_server(app_for(model, processor)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, expected_answer(model, processor, None)  # the timeout: a hung request fails the test
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

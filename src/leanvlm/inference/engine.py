@@ -17,6 +17,7 @@ thread (the server's event loop) may `submit` and `cancel` while one thread runs
 
 from __future__ import annotations
 
+import copy
 import itertools
 import queue
 import time
@@ -105,6 +106,8 @@ class Engine:
             raise ValueError(f"max_batch_size and max_prefill_tokens must be >= 1, got {max_batch_size} and "
                              f"{max_prefill_tokens}.")
         self.model, self.processor = model.eval(), processor
+        # the loop's own copy: a fast tokenizer used from two threads at once can fail ("Already borrowed")
+        self._detokenizer = copy.deepcopy(processor.tokenizer)
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.image_cache = ImageCache(image_cache_bytes, model_id)
         self.metrics = EngineMetrics()
@@ -124,7 +127,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of the prompt a chat (messages {"role", "content"} with `<image>` placeholders, ending with
-        the user's turn) gives with the model's template."""
+        the user's turn) gives with the model's template. Call it from one thread (the server's event loop)."""
         pieces = generation_prompt(messages, self.processor.template, self.processor.tokenizer)
         return prompt_ids(self.processor, pieces)
 
@@ -162,8 +165,7 @@ class Engine:
         return len(prompt_ids) + num_images * (tokens - 1)
 
     def _tokens_per_crop(self) -> int:
-        config = self.model.config.vision_config
-        side = config.image_size // config.patch_size
+        side = self.processor.crop_size // self.model.config.vision_config.patch_size
         return side * side + (1 if self.model.config.vision_feature_select == "full" else 0)
 
     def submit(self, request: Request) -> None:
@@ -302,7 +304,7 @@ class Engine:
         request.output_ids.append(token)
         if token in request.params.stop_token_ids:
             return self._finish(request, "stop", [token])
-        text = self.processor.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        text = self._detokenizer.decode(request.output_ids, skip_special_tokens=True)
         cut = _first_stop(text, request.stop, request.sent)
         if cut is not None:
             request.text = text[:cut]

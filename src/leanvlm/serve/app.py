@@ -46,15 +46,8 @@ def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = N
 
     app = FastAPI(title="leanvlm", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "Missing or wrong API key: send the header 'Authorization: Bearer KEY'.",
-                             "authentication_error", "invalid_api_key")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc: BadRequest):
@@ -149,7 +142,7 @@ async def _engine_request(runner: EngineRunner, body: ChatCompletionRequest, max
     try:
         images = [await asyncio.to_thread(_decoded, url, sources) for url in urls]
         engine = runner.engine
-        prompt = await asyncio.to_thread(engine.chat_prompt, messages)
+        prompt = engine.chat_prompt(messages)  # on the event loop: one thread uses the processor's tokenizer
         greedy = body.temperature is not None and body.temperature == 0
         return engine.request(
             prompt, images, max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
@@ -179,12 +172,12 @@ async def _whole(first, outputs, reply: dict, request: Request) -> JSONResponse:
         text, last = first.text, first
     else:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
+            done, _ = await asyncio.wait({task}, timeout=0.1)
             if done:
                 break
-            if await request.is_disconnected():
+            if await request.is_disconnected():  # cancelling the collector closes `outputs`: the engine cancels
                 task.cancel()
-                await outputs.aclose()
+                await asyncio.gather(task, return_exceptions=True)
                 return error(499, "The client closed the request.")
         text, last = task.result()
     _check_engine(last)
@@ -232,6 +225,22 @@ def _usage(output) -> dict:
             "total_tokens": output.prompt_tokens + output.completion_tokens}
 
 
+class ApiKey:
+    """Refuses (401) every request but /health without `Authorization: Bearer KEY`. Plain ASGI, like `BodyLimit`:
+    Starlette's function middleware would hide a client's disconnect from the route."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await error(401, "Missing or wrong API key: send the header 'Authorization: Bearer KEY'.",
+                                   "authentication_error", "invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses request bodies over `max_bytes` (413), by their declared length or as they stream in."""
 
@@ -243,7 +252,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await error(413, self._message())(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -252,15 +261,10 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BadRequest(f"The request body is larger than the server's limit of {self.max_bytes} "
-                                     "bytes.", 413)
+                    raise BadRequest(self._message(), 413)
             return message
 
         return await self.app(scope, counted, send)
 
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"The request body is larger than the server's limit of {self.max_bytes} "
-                                     "bytes.")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    def _message(self) -> str:
+        return f"The request body is larger than the server's limit of {self.max_bytes} bytes."

@@ -220,30 +220,32 @@ def _find(rows, **where) -> dict | None:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """The comparisons the targets are stated in, where the rows exist: each decoder's throughput over vanilla's at
-    the highest concurrency (distinct images), its cached TTFT against vanilla's uncached at concurrency 1, and
-    its own throughput scaling from concurrency 1 to the highest."""
+    """The comparisons the targets are stated in, where the rows exist, per decoder: its throughput over vanilla's
+    at the highest concurrency with distinct images (per answer length), its TTFT for a repeated (cached) image
+    against vanilla's with distinct images at concurrency 1 (shortest answers), its own throughput scaling from
+    concurrency 1 to the highest (longest answers), and its engine overhead there."""
     out: dict[str, dict] = {}
     if not rows:
         return out
-    top, tokens = max(r["concurrency"] for r in rows), max(r["max_tokens"] for r in rows)
+    top = max(r["concurrency"] for r in rows)
+    shortest, longest = min(r["max_tokens"] for r in rows), max(r["max_tokens"] for r in rows)
     for decoder in dict.fromkeys(r["decoder"] for r in rows):
         entry = {}
-        high = _find(rows, decoder=decoder, images="distinct", max_tokens=tokens, concurrency=top)
-        low = _find(rows, decoder=decoder, images="distinct", max_tokens=tokens, concurrency=1)
-        base = _find(rows, decoder=BASELINE, images="distinct", max_tokens=tokens, concurrency=top)
-        if high and base and decoder != BASELINE:
-            entry[f"throughput_vs_{BASELINE}_c{top}"] = high["requests_per_s"] / base["requests_per_s"]
-        if high and low:
-            entry[f"scaling_c{top}_vs_c1"] = high["requests_per_s"] / low["requests_per_s"]
-        cached = _find(rows, decoder=decoder, images="repeated", max_tokens=min(r["max_tokens"] for r in rows),
-                       concurrency=1)
-        uncached = _find(rows, decoder=BASELINE, images="distinct", max_tokens=min(r["max_tokens"] for r in rows),
-                         concurrency=1)
+        for tokens in sorted({r["max_tokens"] for r in rows}):
+            mine = _find(rows, decoder=decoder, images="distinct", max_tokens=tokens, concurrency=top)
+            base = _find(rows, decoder=BASELINE, images="distinct", max_tokens=tokens, concurrency=top)
+            if mine and base and decoder != BASELINE:
+                entry[f"throughput_vs_{BASELINE}_c{top}_{tokens}tok"] = mine["requests_per_s"] / base["requests_per_s"]
+        high = _find(rows, decoder=decoder, images="distinct", max_tokens=longest, concurrency=top)
+        low = _find(rows, decoder=decoder, images="distinct", max_tokens=longest, concurrency=1)
+        if high and low and top > 1:
+            entry[f"scaling_c{top}_vs_c1_{longest}tok"] = high["requests_per_s"] / low["requests_per_s"]
+        cached = _find(rows, decoder=decoder, images="repeated", max_tokens=shortest, concurrency=1)
+        uncached = _find(rows, decoder=BASELINE, images="distinct", max_tokens=shortest, concurrency=1)
         if cached and uncached:
             entry[f"cached_ttft_vs_{BASELINE}_uncached_c1"] = uncached["ttft_p50_ms"] / cached["ttft_p50_ms"]
         if high and high["engine_overhead"] is not None:
-            entry[f"engine_overhead_c{top}"] = high["engine_overhead"]
+            entry[f"engine_overhead_c{top}_{longest}tok"] = high["engine_overhead"]
         out[decoder] = entry
     return out
 
@@ -291,12 +293,19 @@ def plot(report: dict):
     axes[0].set_xlabel("concurrent clients")
     axes[0].set_ylabel(f"requests/s ({tokens}-token answers)")
     axes[0].legend(fontsize=8)
-    labels = [f"{r['decoder']}\n{r['images'][:4]} c{r['concurrency']}" for r in rows if r["max_tokens"] == tokens]
-    values = [r["ttft_p50_ms"] for r in rows if r["max_tokens"] == tokens]
-    axes[1].bar(range(len(values)), values)
-    axes[1].set_xticks(range(len(values)), labels, fontsize=6, rotation=90)
+    shortest = min(r["max_tokens"] for r in rows)
+    groups = list(dict.fromkeys((r["images"], r["concurrency"]) for r in rows))
+    decoders = list(dict.fromkeys(r["decoder"] for r in rows))
+    width = 0.8 / len(decoders)
+    for i, decoder in enumerate(decoders):
+        values = [(_find(rows, decoder=decoder, images=mode, concurrency=c, max_tokens=shortest) or {})
+                  .get("ttft_p50_ms", 0) for mode, c in groups]
+        axes[1].bar([g + (i - (len(decoders) - 1) / 2) * width for g in range(len(groups))], values, width,
+                    label=decoder)
+    axes[1].set_xticks(range(len(groups)), [f"{mode}\nconcurrency {c}" for mode, c in groups], fontsize=7)
     axes[1].set_yscale("log")
-    axes[1].set_ylabel("TTFT p50, ms (log)")
+    axes[1].set_ylabel(f"TTFT p50, ms (log; {shortest}-token answers)")
+    axes[1].legend(fontsize=8)
     canvas.suptitle(f"Serving {report['title']} ({report['settings']['dtype']}, loopback)")
     canvas.tight_layout()
     return canvas
