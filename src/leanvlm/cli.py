@@ -431,7 +431,7 @@ def serve(
     dtype: str = typer.Option(None, help="Run the weights in this dtype (default: as saved).", **one_of(DTYPES)),
     max_batch_size: int = typer.Option(16, min=1, help="Most requests decoded together."),
     max_prefill_tokens: int = typer.Option(4096, min=1, help="Most decoder tokens prefilled in one engine step."),
-    max_waiting: int = typer.Option(64, min=0, help="Requests that may wait; more are answered 429."),
+    max_waiting: int = typer.Option(64, min=1, help="Requests that may wait; more are answered 429."),
     image_cache_mb: float = typer.Option(1024, min=0, help="Memory for encoded images (0: no cache)."),
     max_images: int = typer.Option(4, min=0, help="Most images in one request."),
     max_image_mb: float = typer.Option(20, min=0, help="Largest image file accepted."),

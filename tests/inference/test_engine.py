@@ -150,9 +150,7 @@ def test_a_seeded_sampled_request_gives_the_same_tokens_alone_and_in_a_batch():
         engine.submit(engine.request(other_ids, other_images, max_new_tokens=5, do_sample=True, request_id=f"o{i}"))
     engine.submit(in_batch)
     engine.run_until_done()
-    unseeded = engine.request(ids, images, max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20)
     assert in_batch.output_ids == first.output_ids and len(first.output_ids) >= 1
-    assert unseeded.params.seed is None
 
 
 def test_bad_requests_say_what_is_wrong():
@@ -168,13 +166,52 @@ def test_bad_requests_say_what_is_wrong():
         ImageInput.from_bytes(b"not an image")
 
 
+@pytest.mark.parametrize("crops", [1, 3])  # 3: a base view and sub-crops, each with a newline
 @pytest.mark.parametrize("decoder", list(DECODERS))
-def test_the_prompt_length_the_engine_budgets_is_the_decoder_sequence(decoder):
-    model, processor, engine = setup(decoder)
-    for ids, images in chats(engine):
+def test_the_prompt_length_the_engine_budgets_is_the_decoder_sequence(decoder, crops):
+    model = build(decoder, **OPTIONS.get(decoder, {}), max_crops=crops)
+    processor = LeanVLMProcessor.for_model(model, bpe_tokenizer())
+    engine = Engine(model, processor)
+    wide = ImageInput(Image.new("RGB", (64, 32)), "wide")  # two sub-crops side by side when crops are on
+    for ids, images in [*chats(engine), (chats(engine)[0][0], [wide])]:
         extra = {}
         if images:
             extra["pixel_values"], extra["image_crops"] = processor.preprocess_images([i.image for i in images])
         with torch.no_grad():
             out = model(torch.tensor([ids]), **extra)
-        assert engine.prompt_length(ids, len(images)) == int(out.attention_mask.sum())
+        assert engine.prompt_length(ids, images) == int(out.attention_mask.sum())
+
+
+def test_a_step_that_fails_ends_every_request_it_held_and_the_engine_serves_on(monkeypatch):
+    _, _, engine = setup("himix", max_batch_size=2)
+    requests = [engine.request(ids, images, max_new_tokens=6, request_id=f"r{i}")
+                for i, (ids, images) in enumerate(chats(engine)[:4])]
+    for request in requests[:2]:
+        engine.submit(request)
+    engine.step()  # r0 and r1 run
+    for request in requests[2:]:
+        engine.submit(request)  # r2 and r3 wait
+    engine.max_batch_size = 4
+    broken = engine.model.encode_images
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.model, "encode_images", fail)
+    with pytest.raises(RuntimeError):
+        engine.step()  # r2, r3 were taken for a prefill that failed
+    finals = {o.request_id: o.finish_reason for o in engine.fail_all()}
+    assert finals == {"r0": "error", "r1": "error", "r2": "error", "r3": "error"}
+    monkeypatch.setattr(engine.model, "encode_images", broken)
+    (ids, images), *_ = chats(engine)
+    engine.submit(engine.request(ids, images, max_new_tokens=2, request_id="after"))
+    assert engine.run_until_done()["after"][-1].finish_reason in ("length", "stop")
+
+
+def test_a_seed_beyond_the_generator_or_a_vanishing_temperature_is_handled_before_the_engine():
+    _, _, engine = setup("vanilla")
+    ids, images = chats(engine)[0]
+    with pytest.raises(ValueError, match="seed must be in"):
+        engine.request(ids, images, do_sample=True, seed=2**64)
+    tiny = engine.request(ids, images, max_new_tokens=3, do_sample=True, temperature=1e-300)
+    assert not tiny.params.do_sample  # sampling at 1e-300 is the argmax, without overflowing the softmax

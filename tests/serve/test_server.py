@@ -31,6 +31,7 @@ def test_the_openai_client_gets_the_models_answers_streamed_and_whole(parts):
     with running_server(app_for(model, processor, api_key="secret")) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", timeout=60, max_retries=0)
         assert [m.id for m in client.models.list().data] == [MODEL]
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # no key needed there
         body = chat(image)
         whole = client.chat.completions.create(**body)
         chunks = list(client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
@@ -94,6 +95,9 @@ BAD = {
         {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}, 400, "--allowed-local-media-path"),
     "too long": (chat(text="red " * 300), 400, "beyond the model's context of 256"),
     "assistant last": ({"model": MODEL, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "user's"),
+    "seed beyond the generator": (chat(seed=2**64, temperature=1), 400, "seed must be in"),
+    "penalty": (chat(frequency_penalty=0.5), 400, "frequency_penalty=0.5 is not supported"),
+    "five stop strings": (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
 }
 
 
@@ -164,7 +168,7 @@ def test_a_client_that_leaves_cancels_its_request(parts, stream):
             with pytest.raises(httpx.TimeoutException):  # the client gives up waiting and hangs up
                 httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.1)
         deadline = time.monotonic() + 30
-        while 'reason="cancelled"} 1' not in httpx.get(f"{url}/metrics", timeout=10).text:
+        while 'reason="cancelled"} 1\n' not in httpx.get(f"{url}/metrics", timeout=10).text:
             assert time.monotonic() < deadline, "the request was not cancelled"
             time.sleep(0.05)
 

@@ -35,6 +35,10 @@ from leanvlm.inference.image_cache import ImageCache, content_key
 from leanvlm.inference.metrics import EngineMetrics
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+MAX_ASPECT = 20  # a 1 x 20,000,000 image would be resized to billions of pixels by a shortest-edge processor
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (and 1e-300 would overflow the softmax)
+SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+RESERVE = 64  # KV slots allocated with a prefill for the tokens to come
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,17 @@ class ImageInput:
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
+            image = image.convert("RGB")
         except UnidentifiedImageError as error:
             raise ValueError("The image could not be decoded: its bytes are no image format Pillow reads; send a "
                              "PNG, JPEG, GIF, BMP or WebP file.") from error
-        except (Image.DecompressionBombError, OSError, ValueError) as error:
-            raise ValueError(f"The image could not be decoded ({error}).") from error
-        return cls(image.convert("RGB"), content_key(data))
+        except Exception as error:  # Pillow raises SyntaxError, struct.error, EOFError... for broken files
+            raise ValueError(f"The image could not be decoded ({type(error).__name__}: {error}).") from error
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise ValueError(f"The image is {width}x{height} pixels; images more than {MAX_ASPECT} times longer "
+                             "than wide (or wide than long) are refused.")
+        return cls(image, content_key(data))
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Request:
     images: list[ImageInput]
     params: SamplingParams  # with the model's defaults filled in (`Engine.request` does it)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings, which it does not include
+    length: int = 0  # decoder positions of the prompt (`Engine.prompt_length`)
     arrival: float = field(default_factory=time.perf_counter)
     # filled while it runs
     output_ids: list[int] = field(default_factory=list)
@@ -114,11 +124,13 @@ class Engine:
         self.device = model.get_input_embeddings().weight.device
         self.defaults = SamplingParams().with_model_defaults(model)
         self.keeps_vision_tokens = DECODERS[model.config.decoder].keeps_vision_tokens
+        self.crop_tokens = self._tokens_per_crop() if self.keeps_vision_tokens else 0
         self.context_length = model.config.text_config.max_position_embeddings
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._ids = itertools.count()
         self.waiting: list[Request] = []
+        self.admitting: list[Request] = []  # taken from `waiting`, not yet in `running`
         self.running: list[Request] = []  # in cache row order
         self.cache = model.new_cache()
         self.logits: torch.Tensor | None = None  # (rows, V): the running rows' latest next-token logits
@@ -144,7 +156,11 @@ class Engine:
         if placeholders != len(images):
             raise ValueError(f"The prompt has {placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} "
                              "image(s) were given.")
-        length = self.prompt_length(prompt_ids, len(images))
+        if seed is not None and seed not in SEEDS:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}.")
+        if do_sample and temperature < GREEDY_BELOW:
+            do_sample, temperature = False, 1.0
+        length = self.prompt_length(prompt_ids, images)
         if length + max_new_tokens > self.context_length:
             raise ValueError(f"The prompt takes {length} positions and max_tokens={max_new_tokens} more, beyond the "
                              f"model's context of {self.context_length}; shorten the prompt or lower max_tokens.")
@@ -154,19 +170,26 @@ class Engine:
         params = replace(params, stop_token_ids=(*own, *map(int, stop_token_ids)))
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("Every stop string must be a non-empty string.")
-        return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), images, params, tuple(stop))
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), images, params, tuple(stop),
+                       length)
 
-    def prompt_length(self, prompt_ids: list[int], num_images: int) -> int:
-        """Decoder positions a prompt takes: its text, plus every image's tokens for policies that keep them in
-        the sequence (one crop per image; multi-crop images take more)."""
+    def prompt_length(self, prompt_ids: list[int], images: list[ImageInput]) -> int:
+        """Decoder positions a prompt takes: its text, plus, for policies that keep vision tokens in the sequence,
+        every crop's tokens (and its newline, when the model has one) in place of each placeholder."""
         if not self.keeps_vision_tokens:
-            return len(prompt_ids) - num_images
-        tokens = self._tokens_per_crop()
-        return len(prompt_ids) + num_images * (tokens - 1)
+            return len(prompt_ids) - len(images)
+        per_crop = self.crop_tokens + int(self.model.config.uses_image_newline)
+        crops = sum(len(self.processor.crops_of(image.image)) for image in images)
+        return len(prompt_ids) - len(images) + crops * per_crop
 
     def _tokens_per_crop(self) -> int:
-        side = self.processor.crop_size // self.model.config.vision_config.patch_size
-        return side * side + (1 if self.model.config.vision_feature_select == "full" else 0)
+        """Vision tokens of one crop: what the encoder and the feature-select rule give, from one blank crop."""
+        from PIL import Image
+
+        size = self.processor.crop_size
+        pixels = self.processor.image_processor(Image.new("RGB", (size, size)), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return int(self.model.encode_images(pixels.to(self.device)).tokens.shape[-2])
 
     def submit(self, request: Request) -> None:
         """Queue a request (thread-safe); its outputs come from the steps that follow."""
@@ -189,18 +212,22 @@ class Engine:
         or finished."""
         started = time.perf_counter()
         model_seconds = 0.0
+        cancelled = set()  # read before the inbox: a cancel that is visible has its request visible too
+        while not self._cancels.empty():
+            cancelled.add(self._cancels.get())
         while not self._inbox.empty():
             self.waiting.append(self._inbox.get())
-        outputs = self._apply_cancels()
+        outputs = self._apply_cancels(cancelled)
         if self.running:
             tic = time.perf_counter()
             self.logits = self.model.decode_step(self.next_tokens.to(self.device), self.cache)
             model_seconds += time.perf_counter() - tic
-        admitted = self._admit()
-        if admitted:
+        self.admitting = self._admit()
+        if self.admitting:
             tic = time.perf_counter()
-            self._prefill(admitted)
+            self._prefill(self.admitting)
             model_seconds += time.perf_counter() - tic
+        self.admitting = []
         if self.running:
             tokens = self._sample()
             now = time.perf_counter()
@@ -221,10 +248,7 @@ class Engine:
                 collected.setdefault(output.request_id, []).append(output)
         return collected
 
-    def _apply_cancels(self) -> list[Output]:
-        cancelled = set()
-        while not self._cancels.empty():
-            cancelled.add(self._cancels.get())
+    def _apply_cancels(self, cancelled: set[str]) -> list[Output]:
         if not cancelled:
             return []
         outputs = []
@@ -242,7 +266,7 @@ class Engine:
         """Waiting requests (first come, first served) that fit the free rows and the prefill token budget."""
         admitted, budget = [], self.max_prefill_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            cost = self.prompt_length(self.waiting[0].prompt_ids, len(self.waiting[0].images))
+            cost = self.waiting[0].length
             if admitted and cost > budget:
                 break
             admitted.append(self.waiting.pop(0))
@@ -254,7 +278,8 @@ class Engine:
         input_ids, valid = left_pad(rows, self.processor.tokenizer.pad_token_id)
         images = [image for r in admitted for image in r.images]
         context = self._image_context(images) if images else None
-        cache = self.model.new_cache(reserve=max(r.params.max_new_tokens for r in admitted))
+        # a modest reserve: merge and select copy the room too, and the cache grows geometrically past it
+        cache = self.model.new_cache(reserve=min(RESERVE, max(r.params.max_new_tokens for r in admitted)))
         logits = self.model.prefill(input_ids.to(self.device), valid.to(self.device), image_context=context,
                                     cache=cache).logits[:, -1]
         self.cache.merge(cache)
@@ -332,18 +357,19 @@ class Engine:
         """Drop the running rows whose `keep` is False (their cache rows and pending logits)."""
         if all(keep):
             return
+        self.cache.select(keep)  # first: if it fails, `running` still lists every row for `fail_all`
         self.running = [r for r, kept in zip(self.running, keep, strict=True) if kept]
-        self.cache.select(keep)
         kept = torch.tensor(keep)
         self.logits = self.logits[kept.to(self.logits.device)] if self.running else None
         self.next_tokens = self.next_tokens[kept] if self.running and self.next_tokens is not None else None
 
     def fail_all(self, reason: str = "error") -> list[Output]:
-        """End every waiting and running request (after a step raised) and start from an empty batch."""
+        """End every request the engine holds (after a step raised) and start from an empty batch. A request the
+        failed step had already finished gets this last output too: the step's own outputs were lost."""
         while not self._inbox.empty():
             self.waiting.append(self._inbox.get())
-        outputs = [self._finish(r, reason) for r in self.waiting + self.running if r.finish_reason is None]
-        self.waiting, self.running = [], []
+        outputs = [self._finish(r, reason) for r in self.waiting + self.admitting + self.running]
+        self.waiting, self.admitting, self.running = [], [], []
         self.cache, self.logits, self.next_tokens = self.model.new_cache(), None, None
         return outputs
 

@@ -37,6 +37,9 @@ class EngineRunner:
         self._thread = threading.Thread(target=self._run, name="leanvlm-engine", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()

@@ -69,6 +69,8 @@ def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = N
 
     @app.get("/health")
     async def health():
+        if not runner.alive():
+            return error(503, "The engine thread has stopped; restart the server.", "server_error")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -91,11 +93,14 @@ def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = N
         if problem:
             raise BadRequest(problem)
         engine_request = await _engine_request(runner, body, max_images, image_sources, default_max_tokens)
+        outputs = runner.generate(engine_request)
         try:
-            outputs = runner.generate(engine_request)
-            first = await anext(outputs)
+            first = await _unless_disconnected(anext(outputs), request)
         except QueueFull as exc:
             raise BadRequest(str(exc), 429, "rate_limit_error") from exc
+        if first is None:  # the client left while its request waited or was prefilled
+            await outputs.aclose()
+            return error(499, "The client closed the request.")
         reply = dict(id=completion_id(), created=now(), model=model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -142,15 +147,37 @@ async def _engine_request(runner: EngineRunner, body: ChatCompletionRequest, max
     try:
         images = [await asyncio.to_thread(_decoded, url, sources) for url in urls]
         engine = runner.engine
-        prompt = engine.chat_prompt(messages)  # on the event loop: one thread uses the processor's tokenizer
+        try:  # on the event loop: one thread uses the processor's tokenizer
+            prompt = engine.chat_prompt(messages)
+        except Exception as exc:  # the model's chat template refuses this conversation (jinja2 errors)
+            raise BadRequest(f"The model's chat template refuses these messages: {exc}") from exc
         greedy = body.temperature is not None and body.temperature == 0
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # the server's default, within what the context leaves
+            room = engine.context_length - engine.prompt_length(prompt, images)
+            max_tokens = max(1, min(default_max_tokens, room))
         return engine.request(
-            prompt, images, max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
+            prompt, images, max_new_tokens=max_tokens,
             do_sample=not greedy, temperature=1.0 if body.temperature is None or greedy else body.temperature,
-            top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop_strings()),
+            top_p=body.top_p, top_k=body.top_k if body.top_k and body.top_k > 0 else None, seed=body.seed,
+            stop=tuple(body.stop_strings()),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
+
+
+async def _unless_disconnected(awaitable, request: Request):
+    """The awaitable's result, or None once the client has disconnected (the awaitable is then cancelled, which
+    cancels the engine request)."""
+    task = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.1)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
 
 
 def _decoded(url: str, sources: ImageSources) -> ImageInput:
@@ -167,19 +194,13 @@ async def _whole(first, outputs, reply: dict, request: Request) -> JSONResponse:
             last = output
         return "".join(pieces), last
 
-    task = asyncio.ensure_future(collect()) if first.finish_reason is None else None
-    if task is None:
+    if first.finish_reason is not None:
         text, last = first.text, first
     else:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.1)
-            if done:
-                break
-            if await request.is_disconnected():  # cancelling the collector closes `outputs`: the engine cancels
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                return error(499, "The client closed the request.")
-        text, last = task.result()
+        collected = await _unless_disconnected(collect(), request)
+        if collected is None:
+            return error(499, "The client closed the request.")
+        text, last = collected
     _check_engine(last)
     return JSONResponse({
         **reply, "object": "chat.completion",
@@ -260,8 +281,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BadRequest(self._message(), 413)
+                if seen > self.max_bytes:  # an HTTPException: FastAPI turns others raised here into a 400
+                    raise HTTPException(413, self._message())
             return message
 
         return await self.app(scope, counted, send)

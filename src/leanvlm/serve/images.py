@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -64,7 +65,7 @@ def _fetch(url: str, sources: ImageSources) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=sources.fetch_timeout) as response:
             data = response.read(sources.max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         raise ValueError(f"The image at {url} could not be fetched ({error}).") from error
     if len(data) > sources.max_bytes:
         raise ValueError(f"The image is larger than the server's limit of {sources.max_bytes} bytes.")

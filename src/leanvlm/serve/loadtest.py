@@ -96,6 +96,9 @@ async def _one(client, url: str, body: dict, record: list) -> None:
             if line == "data: [DONE]":
                 break
             event = json.loads(line[6:])
+            if "error" in event:
+                record.append({"ok": False, "status": "error event"})
+                return
             usage = event.get("usage") or usage
     done = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else 0
@@ -118,7 +121,10 @@ async def _scenario(base_url: str, model_name: str, images: list[bytes], request
                                                           {"type": "image_url",
                                                            "image_url": {"url": urls[index % len(urls)]}}]}]}
         async with gate:
-            await _one(client, f"{base_url}/v1/chat/completions", body, record)
+            try:
+                await _one(client, f"{base_url}/v1/chat/completions", body, record)
+            except httpx2.HTTPError as error:  # a refused or dropped connection is a failed request
+                record.append({"ok": False, "status": type(error).__name__})
 
     limits = httpx2.Limits(max_connections=concurrency + 2)
     async with httpx2.AsyncClient(timeout=time_limit, limits=limits) as client:

@@ -42,15 +42,15 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
     temperature: float | None = Field(default=None, ge=0, le=2)  # 0: greedy
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)  # not in OpenAI's API; vLLM's extension, 0 = no limit
+    top_k: int | None = Field(default=None, ge=-1)  # not in OpenAI's API; vLLM's extension, 0 or -1 = no limit
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # vLLM's extension
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # as OpenAI: up to 4 strings
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension: only max_tokens, stop and stop_token_ids end the answer
     n: int = 1
     stream: bool = False
@@ -63,9 +63,13 @@ class ChatCompletionRequest(BaseModel):
             return "n must be 1: send one request per answer."
         if self.logprobs:
             return "logprobs are not supported."
-        for name in ("tools", "functions", "response_format", "tool_choice"):
-            if getattr(self, name, None) not in (None, [], {}) and name in (self.model_extra or {}):
-                return f"{name} is not supported by this server."
+        extra = self.model_extra or {}
+        defaults = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "repetition_penalty": (1, None),
+                    "logit_bias": (None, {}), "min_tokens": (0, None), "tools": (None, []), "functions": (None, []),
+                    "response_format": (None, {"type": "text"}), "tool_choice": (None, "none")}
+        for name, harmless in defaults.items():
+            if name in extra and extra[name] not in harmless:
+                return f"{name}={extra[name]!r} is not supported by this server; leave it out."
         return None
 
     def stop_strings(self) -> list[str]:
