@@ -120,8 +120,12 @@ def test_limits_answer_413_and_429(parts):
     with TestClient(app_for(model, processor, max_waiting=0)) as client:
         response = client.post("/v1/chat/completions", json=chat())
         assert response.status_code == 429 and "retry later" in response.json()["error"]["message"]
-    with TestClient(app_for(model, processor, max_body_bytes=100)) as client:
-        response = client.post("/v1/chat/completions", json=chat(png(0)))
+    with running_server(app_for(model, processor, max_body_bytes=100)) as url:
+        declared = httpx.post(f"{url}/v1/chat/completions", json=chat(png(0)), timeout=30)
+        body = json.dumps(chat(png(0))).encode()
+        chunked = httpx.post(f"{url}/v1/chat/completions", content=iter([body[:80], body[80:]]), timeout=30,
+                             headers={"content-type": "application/json"})  # no length declared: counted
+    for response in (declared, chunked):
         assert response.status_code == 413 and "limit of 100 bytes" in response.json()["error"]["message"]
 
 
