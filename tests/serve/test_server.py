@@ -208,3 +208,17 @@ def test_no_request_body_gets_a_5xx_or_hangs(fuzz_target, body):
         assert response.json()["error"]["message"]
     good = client.post("/v1/chat/completions", json=chat())
     assert good.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_without_the_serve_extra_the_error_says_what_to_install(monkeypatch):
+    import importlib
+    import importlib.util
+
+    import leanvlm.serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"needs uvicorn: install the serve extra"):
+        importlib.reload(leanvlm.serve)
+    monkeypatch.undo()
+    importlib.reload(leanvlm.serve)
