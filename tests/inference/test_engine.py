@@ -215,3 +215,12 @@ def test_a_seed_beyond_the_generator_or_a_vanishing_temperature_is_handled_befor
         engine.request(ids, images, do_sample=True, seed=2**64)
     tiny = engine.request(ids, images, max_new_tokens=3, do_sample=True, temperature=1e-300)
     assert not tiny.params.do_sample  # sampling at 1e-300 is the argmax, without overflowing the softmax
+
+
+def test_without_max_tokens_the_answer_gets_the_default_within_the_context():
+    _, _, engine = setup("vanilla", default_max_tokens=300)  # longer than the tiny model's context of 256
+    ids, images = chats(engine)[0]
+    request = engine.request(ids, images)
+    assert request.params.max_new_tokens == 256 - engine.prompt_length(ids, images)
+    engine.default_max_tokens = 5
+    assert engine.request(ids, images).params.max_new_tokens == 5

@@ -34,7 +34,6 @@ from leanvlm.generation import SamplingParams, sample
 from leanvlm.inference.image_cache import ImageCache, content_key
 from leanvlm.inference.metrics import EngineMetrics
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
 MAX_ASPECT = 20  # a 1 x 20,000,000 image would be resized to billions of pixels by a shortest-edge processor
 GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax anyway (and 1e-300 would overflow the softmax)
 SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
@@ -90,7 +89,6 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = None
-    cancelled: bool = False
 
 
 @dataclass
@@ -108,10 +106,11 @@ class Output:
 
 class Engine:
     """Continuous batching over one model; see the module docstring. `max_batch_size` bounds the running rows,
-    `max_prefill_tokens` the decoder tokens prefilled in one step, `image_cache_bytes` the image-context cache."""
+    `max_prefill_tokens` the decoder tokens prefilled in one step, `image_cache_bytes` the image-context cache;
+    `default_max_tokens` is the answer length of a request that sets none (within what the context leaves)."""
 
     def __init__(self, model, processor, *, max_batch_size: int = 16, max_prefill_tokens: int = 4096,
-                 image_cache_bytes: int = 1 << 30, model_id: str = "model"):
+                 image_cache_bytes: int = 1 << 30, model_id: str = "model", default_max_tokens: int = 256):
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch_size and max_prefill_tokens must be >= 1, got {max_batch_size} and "
                              f"{max_prefill_tokens}.")
@@ -119,10 +118,10 @@ class Engine:
         # the loop's own copy: a fast tokenizer used from two threads at once can fail ("Already borrowed")
         self._detokenizer = copy.deepcopy(processor.tokenizer)
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.default_max_tokens = default_max_tokens
         self.image_cache = ImageCache(image_cache_bytes, model_id)
         self.metrics = EngineMetrics()
         self.device = model.get_input_embeddings().weight.device
-        self.defaults = SamplingParams().with_model_defaults(model)
         self.keeps_vision_tokens = DECODERS[model.config.decoder].keeps_vision_tokens
         self.crop_tokens = self._tokens_per_crop() if self.keeps_vision_tokens else 0
         self.context_length = model.config.text_config.max_position_embeddings
@@ -143,14 +142,15 @@ class Engine:
         pieces = generation_prompt(messages, self.processor.template, self.processor.tokenizer)
         return prompt_ids(self.processor, pieces)
 
-    def request(self, prompt_ids: list[int], images: list[ImageInput] = (), *, max_new_tokens: int = 16,
+    def request(self, prompt_ids: list[int], images: list[ImageInput] = (), *, max_new_tokens: int | None = None,
                 do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
                 top_k: int | None = None, seed: int | None = None, stop: tuple[str, ...] = (),
                 stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
                 request_id: str | None = None) -> Request:
         """A checked request: a ValueError says what is wrong (placeholders that do not match the images, a prompt
-        that does not fit the context, bad sampling parameters). `stop_token_ids` end the answer besides the
-        model's own end-of-turn ids, or instead of them with `ignore_eos`."""
+        that does not fit the context, bad sampling parameters). Without `max_new_tokens`, the engine's
+        `default_max_tokens` within what the context leaves. `stop_token_ids` end the answer besides the model's
+        own end-of-turn ids, or instead of them with `ignore_eos`."""
         images = list(images)
         placeholders = sum(1 for t in prompt_ids if t == self.model.config.image_token_id)
         if placeholders != len(images):
@@ -161,6 +161,8 @@ class Engine:
         if do_sample and temperature < GREEDY_BELOW:
             do_sample, temperature = False, 1.0
         length = self.prompt_length(prompt_ids, images)
+        if max_new_tokens is None:
+            max_new_tokens = max(1, min(self.default_max_tokens, self.context_length - length))
         if length + max_new_tokens > self.context_length:
             raise ValueError(f"The prompt takes {length} positions and max_tokens={max_new_tokens} more, beyond the "
                              f"model's context of {self.context_length}; shorten the prompt or lower max_tokens.")
@@ -238,7 +240,7 @@ class Engine:
             self.next_tokens = tokens
             self._leave(keep)
         self.metrics.step(time.perf_counter() - started, model_seconds, len(self.running), len(self.waiting))
-        return [output for output in outputs if output is not None]
+        return outputs
 
     def run_until_done(self) -> dict[str, list[Output]]:
         """Step until every submitted request has finished; return each request's outputs (for scripts and tests)."""

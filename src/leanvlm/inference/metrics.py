@@ -39,12 +39,10 @@ class EngineMetrics:
         self.time_to_first_token = Histogram()
         self.time_per_output_token = Histogram()
         self.queue_time = Histogram()
-        self.steps = 0
         self.step_seconds = self.model_seconds = 0.0  # wall time of steps, and the part spent in the model
         self.running = self.waiting = 0
 
     def step(self, seconds: float, model_seconds: float, running: int, waiting: int) -> None:
-        self.steps += 1
         self.step_seconds += seconds
         self.model_seconds += model_seconds
         self.running, self.waiting = running, waiting

@@ -34,8 +34,7 @@ class BadRequest(Exception):
 
 
 def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = None, max_images: int = 4,
-               max_body_bytes: int = 32 << 20, image_sources: ImageSources = ImageSources(),
-               default_max_tokens: int = 256) -> FastAPI:
+               max_body_bytes: int = 32 << 20, image_sources: ImageSources = ImageSources()) -> FastAPI:
     """The app; the engine thread starts with the app and stops with it."""
 
     @asynccontextmanager
@@ -92,7 +91,7 @@ def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = N
         problem = body.unsupported()
         if problem:
             raise BadRequest(problem)
-        engine_request = await _engine_request(runner, body, max_images, image_sources, default_max_tokens)
+        engine_request = await _engine_request(runner, body, max_images, image_sources)
         outputs = runner.generate(engine_request)
         try:
             first = await _unless_disconnected(anext(outputs), request)
@@ -122,7 +121,7 @@ def _describe(problem: dict) -> str:
 
 
 async def _engine_request(runner: EngineRunner, body: ChatCompletionRequest, max_images: int,
-                          sources: ImageSources, default_max_tokens: int):
+                          sources: ImageSources):
     """The chat as the engine's request: images resolved and decoded (off the event loop), the model's template
     applied, sampling parameters checked. Every problem is a BadRequest."""
     messages, urls = [], []
@@ -152,12 +151,8 @@ async def _engine_request(runner: EngineRunner, body: ChatCompletionRequest, max
         except Exception as exc:  # the model's chat template refuses this conversation (jinja2 errors)
             raise BadRequest(f"The model's chat template refuses these messages: {exc}") from exc
         greedy = body.temperature is not None and body.temperature == 0
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:  # the server's default, within what the context leaves
-            room = engine.context_length - engine.prompt_length(prompt, images)
-            max_tokens = max(1, min(default_max_tokens, room))
         return engine.request(
-            prompt, images, max_new_tokens=max_tokens,
+            prompt, images, max_new_tokens=body.max_completion_tokens or body.max_tokens,
             do_sample=not greedy, temperature=1.0 if body.temperature is None or greedy else body.temperature,
             top_p=body.top_p, top_k=body.top_k if body.top_k and body.top_k > 0 else None, seed=body.seed,
             stop=tuple(body.stop_strings()),

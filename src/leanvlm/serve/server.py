@@ -45,11 +45,12 @@ def build_app(model_dir: str, settings: ServerSettings, model=None, processor=No
     name = settings.model_name or os.path.basename(os.path.normpath(model_dir))
     engine = Engine(model, processor, max_batch_size=settings.max_batch_size,
                     max_prefill_tokens=settings.max_prefill_tokens,
-                    image_cache_bytes=int(settings.image_cache_mb * (1 << 20)), model_id=name)
+                    image_cache_bytes=int(settings.image_cache_mb * (1 << 20)), model_id=name,
+                    default_max_tokens=settings.default_max_tokens)
     runner = EngineRunner(engine, settings.max_waiting)
     return create_app(runner, name, api_key=settings.api_key, max_images=settings.max_images,
                       max_body_bytes=settings.max_body_bytes,
-                      image_sources=settings.images, default_max_tokens=settings.default_max_tokens)
+                      image_sources=settings.images)
 
 
 def serve(model_dir: str, settings: ServerSettings) -> None:
