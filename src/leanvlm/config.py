@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import yaml
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name, option_names
+from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
 from leanvlm.decoders.llm import check_supported_text_config
 
 IMAGE_TOKEN = "<image>"
@@ -43,6 +44,9 @@ class LeanVLMConfig(PreTrainedConfig):
     vision_feature_select: str = "patch"
     # The vision encoder is frozen by default (no gradients, kept in eval mode).
     freeze_vision: bool = True
+    # ToMe token merging inside the encoder (`leanvlm.tome`): tokens merged away per encoder layer, 0 = off. Merged
+    # tokens have no patch grid, so it serves policies that take the vision tokens as a set or a sequence.
+    tome_r: int = 0
 
     # Policies with vision tokens in the sequence: connector from vision width to LLM width.
     connector_type: str = "mlp2x_gelu"
@@ -111,6 +115,7 @@ class LeanVLMConfig(PreTrainedConfig):
                 "layers with the himix decoder use himix_feature_layers=[...]."
             )
         self._validate_policy_options()
+        self._validate_token_merging()
         num_states = getattr(self.vision_config, "num_hidden_layers", None)
         if num_states is not None:  # hidden_states holds the embeddings plus one state per encoder layer
             num_states += 1
@@ -134,6 +139,22 @@ class LeanVLMConfig(PreTrainedConfig):
                     f"No grid in image_grid_pinpoints ({pinpoints}) fits max_crops={self.max_crops} with the base "
                     "view; allow more crops or give smaller grids."
                 )
+
+    def _validate_token_merging(self) -> None:
+        if not isinstance(self.tome_r, int) or self.tome_r < 0:
+            raise ValueError(f"tome_r must be an int >= 0 (tokens merged per encoder layer), got {self.tome_r!r}.")
+        if not self.tome_r:
+            return
+        if DECODERS[self.decoder].needs_patch_grid:
+            raise ValueError(
+                f"tome_r={self.tome_r} merges the encoder's tokens out of their patch grid, which the {self.decoder} "
+                "decoder pools; use tome_r=0 with it, or a decoder that takes the tokens as they come."
+            )
+        if len(set(self.feature_layers)) > 1:
+            raise ValueError(
+                f"tome_r={self.tome_r} leaves a different number of tokens after each encoder layer, so the feature "
+                f"layers {self.feature_layers} cannot be combined; read one layer with it."
+            )
 
     def _validate_policy_options(self) -> None:
         """Options of another policy must stay at their defaults; this policy's own are checked and resolved (e.g.
@@ -161,3 +182,21 @@ class LeanVLMConfig(PreTrainedConfig):
     def feature_layers(self) -> list[int]:
         """Vision-encoder hidden-state indices the decoder consumes."""
         return DECODERS[self.decoder].feature_layers(self)
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """A decoder name, optionally with model options: `NAME+key=value+...` (e.g. `proxyv+proxyv_start_layer=12`,
+    `himix+tome_r=8`) -> (label, decoder, LeanVLMConfig options)."""
+    decoder, *settings = text.split("+")
+    if decoder not in DECODERS:
+        *others, last = DECODERS
+        raise ValueError(f"{text!r}: a variant starts with {', '.join(others)} or {last}.")
+    options = {}
+    for setting in settings:
+        if "=" not in setting:
+            raise ValueError(f"{text!r}: options look like +key=value, got {setting!r}.")
+        key, value = setting.split("=", 1)
+        if key in all_option_names() and key not in option_names(DECODERS[decoder]):
+            raise ValueError(f"{text!r}: {key} is not an option of {decoder}.")
+        options[key] = yaml.safe_load(value)
+    return text, decoder, options

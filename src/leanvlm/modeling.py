@@ -233,9 +233,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
                     f"An image has {max(crops)} crops but this model takes at most max_crops={self.config.max_crops}."
                 )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            features = encode_features(
-                self.vision_model, pixel_values, self.config.feature_layers, self.config.vision_feature_select
-            )
+            features = encode_features(self.vision_model, pixel_values, self.config.feature_layers,
+                                       self.config.vision_feature_select, self.config.tome_r)
         num_tokens = next(iter(features.values())).shape[1]
         grid = patch_grid(pixel_values, self.config.vision_config.patch_size, num_tokens)
         return self.context_from_features(features, crops, grid)
@@ -252,7 +251,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         tokens = self.decoder.project_images(
             {layer: features[layer].to(device, dtype) for layer in self.config.feature_layers}
         )
-        if grid is None:
+        if grid is None and not self.config.tome_r:  # merged tokens form no grid
             side = math.isqrt(tokens.shape[-2])
             grid = (side, side) if side * side == tokens.shape[-2] else None
         crops = None if image_crops is None else [int(c) for c in torch.as_tensor(image_crops).flatten().tolist()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanvlm.encoder import CLS_FIRST, run_encoder
+
 # Encoders whose learned position embeddings fix the input resolution (no interpolation by default).
 FIXED_RESOLUTION_ENCODERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -32,33 +34,34 @@ def check_pixel_values(pixel_values: torch.Tensor, vision_config) -> None:
         raise ValueError(f"pixel_values height/width ({height}x{width}) are smaller than the patch size {patch}.")
 
 
-def select_tokens(hidden: torch.Tensor, num_patches: int, select: str) -> torch.Tensor:
+def select_tokens(hidden: torch.Tensor, prefix: int, select: str) -> torch.Tensor:
     """hidden (n, S, d_v) -> the tokens the decoder consumes.
 
-    "patch" keeps the `num_patches` patch tokens (encoders put CLS/register tokens first; SigLIP has none),
-    "full" keeps everything, "drop_first" drops token 0 whatever it is (LLaVA's "default" strategy).
+    "patch" drops the encoder's `prefix` tokens (CLS; SigLIP has none), "full" keeps everything, "drop_first" drops
+    token 0 whatever it is (LLaVA's "default" strategy).
     """
     if select == "full":
         return hidden
     if select == "drop_first":
         return hidden[:, 1:]
-    return hidden[:, hidden.shape[1] - num_patches :]
+    return hidden[:, prefix:]
 
 
 def encode_features(
-    vision_model: nn.Module, pixel_values: torch.Tensor, layers: list[int], select: str
+    vision_model: nn.Module, pixel_values: torch.Tensor, layers: list[int], select: str, merge_per_layer: int = 0
 ) -> dict[int, torch.Tensor]:
-    """Run the encoder once; return {hidden-state index: (n_images, N, d_v)} for the requested layers."""
+    """Run the encoder once, up to the deepest requested layer; return {hidden-state index: (n_images, N, d_v)}.
+    merge_per_layer: ToMe's r (`leanvlm.tome`), 0 = the plain encoder."""
     config = vision_model.config
     check_pixel_values(pixel_values, config)
     dtype = next(vision_model.parameters()).dtype
-    outputs = vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-    patch = config.patch_size
-    num_patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
-    return {layer: select_tokens(outputs.hidden_states[layer], num_patches, select) for layer in set(layers)}
+    states = run_encoder(vision_model, pixel_values.to(dtype), sorted(set(layers)), merge_per_layer)
+    prefix = int(config.model_type in CLS_FIRST)
+    return {layer: select_tokens(hidden, prefix, select) for layer, hidden in states.items()}
 
 
 def patch_grid(pixel_values: torch.Tensor, patch: int, num_tokens: int) -> tuple[int, int] | None:
     """(rows, cols) of the patch grid when the selected tokens are exactly the patches, else None."""
     grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
     return grid if grid[0] * grid[1] == num_tokens else None
+

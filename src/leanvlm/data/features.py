@@ -18,9 +18,10 @@ from leanvlm.vision import encode_features
 INDEX = "index.json"
 
 
-def feature_signature(vision_model, select: str, images) -> str:
+def feature_signature(vision_model, select: str, images, tome_r: int = 0) -> str:
     """What the features depend on besides the image: the encoder (config, weights' origin, dtype), the token
-    selection and the crop settings of `images` (an `ImagePreprocessor`, e.g. the model's processor)."""
+    selection, token merging and the crop settings of `images` (an `ImagePreprocessor`, e.g. the model's
+    processor)."""
     config = vision_model.config.to_dict()
     for incidental in ("dtype", "torch_dtype", "_name_or_path", "transformers_version"):  # covered or irrelevant
         config.pop(incidental, None)
@@ -33,12 +34,14 @@ def feature_signature(vision_model, select: str, images) -> str:
         "pinpoints": images.image_grid_pinpoints,
         "crop_size": images.crop_size,
     }
+    if tome_r:  # only when on, so that the signatures of unmerged features stay what they were
+        parts["tome_r"] = tome_r
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_feature_signature(model, processor) -> str:
     """The signature of the features a `LeanVLMForConditionalGeneration` consumes."""
-    return feature_signature(model.vision_model, model.config.vision_feature_select, processor)
+    return feature_signature(model.vision_model, model.config.vision_feature_select, processor, model.config.tome_r)
 
 
 def image_hash(path: str) -> str:
@@ -106,7 +109,8 @@ class FeatureCache:
 
 
 def encode_images_to_cache(vision_model, images, layers: list[int], select: str, image_paths: list[str],
-                           cache: FeatureCache, batch_size: int = 16, shard_images: int = 256, progress=None) -> int:
+                           cache: FeatureCache, batch_size: int = 16, shard_images: int = 256, progress=None,
+                           tome_r: int = 0) -> int:
     """Encode every image not cached yet (all its crops, every layer in `layers`); return how many. `images` is an
     `ImagePreprocessor`; `progress(n)` is called after each batch of n images."""
     from PIL import Image
@@ -117,7 +121,7 @@ def encode_images_to_cache(vision_model, images, layers: list[int], select: str,
         chunk = todo[start : start + batch_size]
         pixels, crops = images.preprocess_images([Image.open(p).convert("RGB") for p in chunk])
         with torch.no_grad():
-            features = encode_features(vision_model, pixels, layers, select)
+            features = encode_features(vision_model, pixels, layers, select, tome_r)
         offset = 0
         for path, count in zip(chunk, crops.tolist(), strict=True):
             for layer in layers:
@@ -142,28 +146,32 @@ def _model_encoder(model_dir: str, dtype: torch.dtype) -> tuple:
     config = LeanVLMConfig.from_pretrained(model_dir)
     encoder = LeanVLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).vision_model
     settings = {"layers": config.feature_layers, "select": config.vision_feature_select,
-                "max_crops": config.max_crops, "image_grid_pinpoints": config.image_grid_pinpoints}
+                "max_crops": config.max_crops, "image_grid_pinpoints": config.image_grid_pinpoints,
+                "tome_r": config.tome_r}
     return encoder, LeanVLMProcessor.from_pretrained(model_dir), settings
 
 
-def _vision_encoder(vision: str, dtype: torch.dtype, layers: list[int], select: str, max_crops: int) -> tuple:
+def _vision_encoder(vision: str, dtype: torch.dtype, layers: list[int], select: str, max_crops: int,
+                    tome_r: int) -> tuple:
     """A packaged or Hugging Face encoder, a preprocessor for its images, and the feature settings given."""
     from leanvlm.modeling import load_vision_model
     from leanvlm.processing import ImagePreprocessor, encoder_image_processor
 
     encoder = load_vision_model(vision, dtype)
     images = ImagePreprocessor(encoder_image_processor(encoder), max_crops, None)
-    settings = {"layers": sorted(set(layers)), "select": select, "max_crops": max_crops, "image_grid_pinpoints": None}
+    settings = {"layers": sorted(set(layers)), "select": select, "max_crops": max_crops, "image_grid_pinpoints": None,
+                "tome_r": tome_r}
     return encoder, images, settings
 
 
 def encode_data(data_files: list[str], out: str, *, vision: str | None = None, model: str | None = None,
                 layers: list[int] = (-2,), select: str = "patch", max_crops: int = 1, dtype: str = "bfloat16",
-                image_root: str | None = None, batch_size: int = 16, progress=None) -> dict:
+                image_root: str | None = None, batch_size: int = 16, tome_r: int = 0, progress=None) -> dict:
     """Encode every image the LLaVA-format `data_files` refer to into the feature cache in `out`, with exactly one
-    of: a saved leanvlm `model` (its encoder, feature layers, token selection and crops), or a `vision` encoder (a
-    packaged part or a Hugging Face directory) with `layers`, `select` and `max_crops`. Images already cached are
-    skipped. Writes `out`/features.json and returns it. `progress(images, total)` says how many more are done."""
+    of: a saved leanvlm `model` (its encoder, feature layers, token selection, merging and crops), or a `vision`
+    encoder (a packaged part or a Hugging Face directory) with `layers`, `select`, `max_crops` and `tome_r`. Images
+    already cached are skipped. Writes `out`/features.json and returns it. `progress(images, total)` says how many
+    more are done."""
     import time
 
     paths = sorted({p for f in data_files for p in data_image_paths(f, image_root)})  # checked before any loading
@@ -171,9 +179,9 @@ def encode_data(data_files: list[str], out: str, *, vision: str | None = None, m
     if model is not None:
         encoder, images, settings = _model_encoder(model, torch_dtype)
     else:
-        encoder, images, settings = _vision_encoder(vision, torch_dtype, list(layers), select, max_crops)
+        encoder, images, settings = _vision_encoder(vision, torch_dtype, list(layers), select, max_crops, tome_r)
     encoder = encoder.to(torch_dtype).eval()
-    signature = feature_signature(encoder, settings["select"], images)
+    signature = feature_signature(encoder, settings["select"], images, settings["tome_r"])
     cache = FeatureCache(out, signature)
     started = time.perf_counter()
 
@@ -183,7 +191,7 @@ def encode_data(data_files: list[str], out: str, *, vision: str | None = None, m
 
     advance(sum(cache.holds(p, settings["layers"]) for p in paths))  # cached already
     encoded = encode_images_to_cache(encoder, images, settings["layers"], settings["select"], paths, cache,
-                                     batch_size, progress=advance)
+                                     batch_size, progress=advance, tome_r=settings["tome_r"])
     report = {"signature": signature, "encoder": encoder.name_or_path, **settings, "dtype": dtype,
               "images": len(paths), "encoded_now": encoded, "seconds": round(time.perf_counter() - started, 2)}
     write_json(os.path.join(out, "features.json"), report)

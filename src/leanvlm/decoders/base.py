@@ -136,6 +136,7 @@ class DecoderPolicy(nn.Module):
     options_are: ClassVar[str] = "options of this decoder"  # how an error names these options
     groups: ClassVar[tuple[str, ...]] = ()  # every parameter group the policy may create
     keeps_vision_tokens: ClassVar[bool] = True  # vision tokens hold sequence positions (and may get newlines)
+    needs_patch_grid: ClassVar[bool] = False  # reads each crop's tokens as the encoder's patch grid
     presets: ClassVar[dict[str, Preset]] = {}
 
     @classmethod

@@ -143,6 +143,7 @@ class ProxyVDecoder(VanillaDecoder):
     Options = ProxyVOptions
     options_are = "proxyv options"
     groups = ("connector", "image_newline", "vision_mlps", "proxy_init")
+    needs_patch_grid = True  # spatial proxies pool the grid; learned ones are sized for it
     presets: ClassVar[dict[str, Preset]] = {"learned_proxies": Preset({"proxyv_proxy_init": "learned"})}
 
     def __init__(self, config, language_model: nn.Module):

@@ -238,15 +238,15 @@ class Trainer:
         # Features in the dtype the decoder computes in: bf16 autocast consumes bf16 features unchanged.
         encoder = copy.deepcopy(model.vision_model).eval()
         encoder.to(torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32)
-        select = model.config.vision_feature_select
-        cache = FeatureCache(directory, feature_signature(encoder, select, processor))
+        select, tome_r = model.config.vision_feature_select, model.config.tome_r
+        cache = FeatureCache(directory, feature_signature(encoder, select, processor, tome_r))
         if self.accelerator.is_main_process:
             files = [s.data for s in recipe.stages] + ([recipe.eval.data] if recipe.eval else [])
             paths = sorted({p for f in files for p in data_image_paths(f, recipe.image_root)})
             cached = sum(cache.holds(p, model.config.feature_layers) for p in paths)
             with self._progress("encoding images", len(paths), completed=cached) as advance:
                 encode_images_to_cache(encoder, processor, model.config.feature_layers, select, paths, cache,
-                                       progress=advance)
+                                       progress=advance, tome_r=tome_r)
         self.accelerator.wait_for_everyone()
         return FeatureCache(directory, cache.signature)  # re-read the index the main process wrote
 
