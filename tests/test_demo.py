@@ -42,7 +42,8 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
 def test_compare_report_and_variants(tmp_path):
     from tiny import build, pixels
 
-    from leanvlm.compare import equal_time_overrides, paired_verdict, parse_variant, prefill_seconds, write_report
+    from leanvlm.compare import equal_time_overrides, paired_verdict, prefill_seconds, write_report
+    from leanvlm.config import parse_variant
     from leanvlm.stats import wilson_interval
 
     assert parse_variant("vanilla+probe_skip_vision_ffn_from_layer=2") == (
@@ -65,9 +66,11 @@ def test_compare_report_and_variants(tmp_path):
     results["himix"]["vs_baseline"] = paired_verdict(results["himix"], results["vanilla"], "himix")
     assert results["himix"]["vs_baseline"]["only_second"] == 20 and results["himix"]["vs_baseline"]["significant"]
     assert equal_time_overrides(results["himix"], results["vanilla"]) == ["stages.0.steps=33", "stages.1.steps=67"]
+    for result in results.values():  # the same encoder under both: 600 GFLOPs
+        result.update(encoder_gflops=600.0, end_to_end_gflops=result["decoder_gflops"] + 600.0)
     paths = write_report({"results": results}, str(tmp_path))
     table = (tmp_path / "compare.md").read_text()
-    assert "| himix | 60.0% [50.2, 69.1] | 75.0% | 9.00 | 15.0% |" in table
+    assert "| himix | 60.0% [50.2, 69.1] | 75.0% | 9.00 | 15.0% | 600.00 | 609.00 | 92.3% |" in table
     assert "| answer prior | 25.0% |" in table and "17% |" in table
     assert "himix is 20.0 points below vanilla: significant (p = 1.9e-06)" in table
     assert json.loads((tmp_path / "compare.json").read_text())["results"]["himix"]["accuracy"] == 0.6

@@ -93,9 +93,9 @@ def torch_device(device: str) -> str:
     return device
 
 
-def compare_variant(text: str) -> str:
-    """Option parser: a decoder name with +key=value options (see `leanvlm.compare.parse_variant`)."""
-    from leanvlm.compare import parse_variant
+def decoder_variant(text: str) -> str:
+    """Option parser: a decoder name with +key=value options (see `leanvlm.config.parse_variant`)."""
+    from leanvlm.config import parse_variant
 
     try:
         parse_variant(text)
@@ -137,9 +137,15 @@ def flops(
                                      "probe_skip_vision_ffn_from_layer=12; each decoder takes its own."),
     convention: str = typer.Option("prefill", help="Counting convention (leanvlm.measure.flops explains them).",
                                    **one_of(CONVENTIONS)),
+    vision_feature_layer: int = typer.Option(-2, help="Encoder hidden state the decoder reads (as in HF "
+                                             "output_hidden_states; negative counts from the end); the encoder runs "
+                                             "the layers up to it."),
+    tome_r: int = typer.Option(0, min=0, help="ToMe: tokens merged per encoder layer (0 = off); the decoder reads "
+                               "what is left unless --vision-tokens is given."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for --decoder."),
 ) -> None:
-    """Analytic FLOPs of the language decoder: prefill (with a breakdown) and one decoded token, per decoder."""
+    """Analytic FLOPs of the language decoder: prefill (with a breakdown) and one decoded token, per decoder; with
+    the vision encoder's and the end-to-end total."""
     import json
 
     from rich.console import Console
@@ -147,8 +153,9 @@ def flops(
     from leanvlm.measure import flops_report
 
     report = flops_report.run(llm, vision, text_tokens, vision_tokens=vision_tokens, crops=crops,
-                              convention=convention, **decoder_options(option, proxyv_start_layer=proxyv_start_layer,
-                                                                       proxyv_reduce_factor=proxyv_reduce_factor))
+                              convention=convention, vision_feature_layer=vision_feature_layer, tome_r=tome_r,
+                              **decoder_options(option, proxyv_start_layer=proxyv_start_layer,
+                                                proxyv_reduce_factor=proxyv_reduce_factor))
     if as_json:
         typer.echo(json.dumps(flops_report.for_decoder(report, decoder), indent=2))
     else:
@@ -164,7 +171,9 @@ def bench(
                                **one_of(VISION_PRESETS)),
     model: Path = typer.Option(None, help="A saved leanvlm model whose LLM and encoder replace the presets.",
                                callback=saved_model),
-    decoder: list[str] = typer.Option(list(DECODERS), help="Decoders to compare (repeatable).", **one_of(DECODERS)),
+    decoder: list[str] = typer.Option(list(DECODERS), parser=decoder_variant,
+                                      help="Decoders to compare (repeatable); add model options with +key=value, e.g. "
+                                           "himix+tome_r=8."),
     text_tokens: int = typer.Option(64, min=1, help="Text tokens after the image."),
     crops: int = typer.Option(1, min=1, help="Crops per image."),
     batch: int = typer.Option(1, min=1, help="Samples per batch."),
@@ -232,7 +241,7 @@ def demo(
 @app.command()
 @user_errors("finished variants are in {out}/compare.json")
 def compare(
-    variant: list[str] = typer.Option(list(DECODERS), "--decoder", parser=compare_variant,
+    variant: list[str] = typer.Option(list(DECODERS), "--decoder", parser=decoder_variant,
                                       help="Decoder to train (repeatable); add options with +key=value, e.g. "
                                            "vanilla+probe_skip_vision_ffn_from_layer=15."),
     out: Path = typer.Option(Path("leanvlm-compare"), help="Output directory (models, compare.json/.md/.png)."),
@@ -319,6 +328,7 @@ def data_encode(
     layer: list[int] = typer.Option([-2], help="Encoder hidden-state index to keep (repeatable); with --vision."),
     select: str = typer.Option("patch", help="Token selection; with --vision.", **one_of(VISION_FEATURE_SELECTS)),
     max_crops: int = typer.Option(1, min=1, help="Crops per image (AnyRes when > 1); with --vision."),
+    tome_r: int = typer.Option(0, min=0, help="ToMe: tokens merged per encoder layer (0 = off); with --vision."),
     dtype: str = typer.Option("bfloat16", help="Encoder dtype (the features keep it).",
                               **one_of(("bfloat16", "float32"))),
     image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
@@ -340,6 +350,7 @@ def data_encode(
         report = encode_data([str(f) for f in data], str(out), vision=vision, model=str(model) if model else None,
                              layers=layer, select=select, max_crops=max_crops, dtype=dtype,
                              image_root=str(image_root) if image_root else None, batch_size=batch_size,
+                             tome_r=tome_r,
                              progress=lambda images, total: bar.update(task, advance=images, total=total))
     render_encoding(report, console, str(out))
 

@@ -7,31 +7,12 @@ import os
 import statistics
 import time
 
-import yaml
-
-from leanvlm.decoders import BASELINE, DECODERS, all_option_names, option_names
+from leanvlm.config import parse_variant
+from leanvlm.decoders import BASELINE
 from leanvlm.demo import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 from leanvlm.stats import mcnemar
-
-
-def parse_variant(text: str) -> tuple[str, str, dict]:
-    """A decoder name, optionally with options: `NAME+key=value+...` (e.g. `proxyv+proxyv_start_layer=12`) ->
-    (label, decoder, LeanVLMConfig options)."""
-    decoder, *settings = text.split("+")
-    if decoder not in DECODERS:
-        *others, last = DECODERS
-        raise ValueError(f"{text!r}: a variant starts with {', '.join(others)} or {last}.")
-    options = {}
-    for setting in settings:
-        if "=" not in setting:
-            raise ValueError(f"{text!r}: options look like +key=value, got {setting!r}.")
-        key, value = setting.split("=", 1)
-        if key in all_option_names() and key not in option_names(DECODERS[decoder]):
-            raise ValueError(f"{text!r}: {key} is not an option of {decoder}.")
-        options[key] = yaml.safe_load(value)
-    return text, decoder, options
 
 
 def prefill_seconds(models: dict, batch: dict, repeats: int = 5) -> dict[str, float]:
@@ -58,10 +39,12 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
                   console) -> tuple[dict, object, object]:
     """Train the demo recipe for one variant and score it on `records`: (result, model, processor)."""
     import torch
+    from PIL import Image
 
     from leanvlm.data.llava import LLaVADataset
     from leanvlm.demo import demo_recipe, flops_per_sample, mean_text_tokens
     from leanvlm.eval.exact_match import evaluate
+    from leanvlm.measure.flops import model_encoder_flops
     from leanvlm.modeling import LeanVLMForConditionalGeneration
     from leanvlm.processing import LeanVLMProcessor
     from leanvlm.train.trainer import Trainer
@@ -82,7 +65,12 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
     scores = evaluate(model, processor, records, image_root=data, batch_size=64, max_new_tokens=8, console=console)
     text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
                                                 template=processor.template))
-    flops = flops_per_sample(decoder, text_tokens, model.config)["total_flops"]
+    # the crops the processor makes of a test image (ShapesVQA's images are all one size)
+    crops = len(processor.crops_of(Image.open(os.path.join(data, records[0]["image"])).convert("RGB")))
+    encoder_cost = model_encoder_flops(model.config, processor.crop_size, crops)
+    left = encoder_cost["tokens"]["output"] - encoder_cost["tokens"]["prefix"]  # per crop, after any token merging
+    flops = flops_per_sample(decoder, text_tokens, model.config, vision_tokens=left * crops)["total_flops"]
+    encoder = encoder_cost["total_flops"]
     result = {
         "decoder": decoder, "options": options, "overrides": list(overrides),
         "accuracy": scores["accuracy"], "ci95": scores["ci95"], "answer_prior": scores["answer_prior"],
@@ -91,6 +79,8 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
         "family_priors": {k: v["answer_prior"] for k, v in scores["families"].items()},
         "correct": "".join("1" if p["correct"] else "0" for p in scores["predictions"]),  # per test question
         "decoder_gflops": round(flops / 1e9, 3),
+        "encoder_gflops": round(encoder / 1e9, 3),
+        "end_to_end_gflops": round((flops + encoder) / 1e9, 3),
         "train_steps": {s["name"]: s["steps"] for s in summary["stages"]},
         "train_seconds_per_step": {s["name"]: s["seconds_per_step"] for s in summary["stages"]},
         "train_seconds": round(sum(s["steps"] * s["seconds_per_step"] for s in summary["stages"]), 1),
@@ -201,8 +191,8 @@ def markdown(report: dict) -> str:
     results = report["results"]
     baseline = results.get(BASELINE)
     families = sorted({f for r in results.values() for f in r["families"]})
-    header = ["variant", "accuracy [95% CI]", f"vs {BASELINE}", "decoder GFLOPs", f"vs {BASELINE}", "prefill ms",
-              "train s/step", "train s", *families]
+    header = ["variant", "accuracy [95% CI]", f"vs {BASELINE}", "decoder GFLOPs", f"vs {BASELINE}", "encoder GFLOPs",
+              "end-to-end GFLOPs", f"vs {BASELINE}", "prefill ms", "train s/step", "train s", *families]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, r in results.items():
         steps = " / ".join(f"{v:.2f}" for v in r["train_seconds_per_step"].values())
@@ -211,6 +201,7 @@ def markdown(report: dict) -> str:
                f"{r['accuracy'] / baseline['accuracy']:.1%}" if baseline and baseline["accuracy"] else "-",
                f"{r['decoder_gflops']:.2f}",
                f"{r['decoder_gflops'] / baseline['decoder_gflops']:.1%}" if baseline else "-",
+               *end_to_end_cells(r, baseline),
                f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "-", steps,
                f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-",
                *(f"{r['families'].get(f, float('nan')):.0%}" for f in families)]
@@ -218,13 +209,24 @@ def markdown(report: dict) -> str:
     priors = next((r["family_priors"] for r in results.values() if "family_priors" in r), None)
     if priors:
         overall = next(r["answer_prior"] for r in results.values() if "answer_prior" in r)
-        lines.append("| answer prior | " + f"{overall:.1%} | " + " | " * 6
+        lines.append("| answer prior | " + f"{overall:.1%} | " + " | " * 9
                      + " | ".join(f"{priors.get(f, float('nan')):.0%}" for f in families) + " |")
     verdicts = [r["vs_baseline"]["verdict"] for r in results.values() if "vs_baseline" in r]
     if verdicts:
         lines += ["", f"Paired against {BASELINE} on the same questions (McNemar's exact test):", ""]
         lines += [f"- {verdict}." for verdict in verdicts]
     return "\n".join(lines) + "\n"
+
+
+def end_to_end_cells(result: dict, baseline: dict | None) -> list[str]:
+    """Encoder GFLOPs, encoder + decoder GFLOPs and that against the baseline's; dashes in reports from before the
+    encoder was counted."""
+    if "end_to_end_gflops" not in result:
+        return ["-", "-", "-"]
+    ratio = "-"
+    if baseline and "end_to_end_gflops" in baseline:
+        ratio = f"{result['end_to_end_gflops'] / baseline['end_to_end_gflops']:.1%}"
+    return [f"{result['encoder_gflops']:.2f}", f"{result['end_to_end_gflops']:.2f}", ratio]
 
 
 def write_report(report: dict, out: str) -> list[str]:

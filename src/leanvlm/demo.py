@@ -66,15 +66,16 @@ def demo_recipe(data: str, output_dir: str, decoder: str | None, overrides: list
     return recipe_from_dict(raw, where=DEMO_RECIPE, base=data)
 
 
-def flops_per_sample(decoder: str, text_tokens: int, model_config=None) -> dict:
-    """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens)."""
+def flops_per_sample(decoder: str, text_tokens: int, model_config=None, vision_tokens: int | None = None) -> dict:
+    """Analytic decoder prefill FLOPs of one demo sample (one 224-pixel image = 256 DINOv2 patch tokens, unless
+    `vision_tokens` says what the encoder left, e.g. after token merging)."""
     from leanvlm.decoders import all_option_names
     from leanvlm.measure.flops import decoder_flops
 
     options = {}
     if model_config is not None:  # the model's decoder options (proxyv settings, probes)
         options = {name: getattr(model_config, name) for name in all_option_names()}
-    return decoder_flops(LLM_PRESET, VISION_PRESET, text_tokens, decoder, **options)
+    return decoder_flops(LLM_PRESET, VISION_PRESET, text_tokens, decoder, vision_tokens=vision_tokens, **options)
 
 
 def mean_text_tokens(dataset) -> int:

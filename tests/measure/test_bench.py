@@ -21,25 +21,34 @@ def tiny_model_dir(tmp_path_factory):
 
 def test_bench_reports_every_metric_for_every_decoder(tiny_model_dir, tmp_path):
     settings = BenchSettings(model=str(tiny_model_dir), text_tokens=8, repeats=2, warmup=1, decode_steps=3,
+                             decoders=["vanilla", "himix", "proxyv", "himix+tome_r=2"],
                              options={"proxyv_start_layer": 1, "proxyv_reduce_factor": 2}, dtype="float32")
     seen = []
     report = run_bench(settings, progress=seen.append)
     assert "vanilla: warm-up" in seen and "himix: repeat 2" in seen
     results = report["results"]
-    assert set(results) == {"vanilla", "himix", "proxyv"}
+    assert set(results) == {"vanilla", "himix", "proxyv", "himix+tome_r=2"}
+    stages = ("preprocess_ms", "encoder_ms", "projection_ms", "prefill_ms")
     for name, row in results.items():
-        for key in ("encode_ms", "prefill_ms", "ttft_from_pixels_ms", "decode_ms_per_token", "train_step_ms"):
+        for key in (*stages, "ttft_from_pixels_ms", "decode_ms_per_token", "train_step_ms"):
             assert row[key]["min"] <= row[key]["median"] <= row[key]["max"] and row[key]["min"] > 0, (name, key)
-        # fp32 keys and values of 3 layers, 2 KV heads x 8 dims, for 16 vision + 8 text tokens
-        assert row["kv_cache_bytes"] == 3 * 2 * 2 * 8 * (16 + 8) * 4
+        assert row["ttft_from_pixels_ms"]["min"] >= sum(row[key]["min"] for key in stages) * (1 - 1e-9)
+        # fp32 keys and values of 3 layers, 2 KV heads x 8 dims, for 16 vision (12 after merging 2 tokens in each of
+        # the 2 encoder layers up to hidden state -2) + 8 text tokens
+        vision = 12 if "tome" in name else 16
+        assert row["kv_cache_bytes"] == 3 * 2 * 2 * 8 * (vision + 8) * 4, name
         assert row["prefill_peak_bytes"] > 0 and row["train_peak_bytes"] > 0
         assert row["tokens_per_s"] == pytest.approx(1e3 / row["decode_ms_per_token"]["median"])
+    assert results["himix+tome_r=2"]["options"] == results["himix"]["options"]
+    assert results["himix+tome_r=2"]["encoder_flops"] < results["himix"]["encoder_flops"] > 0
+    assert report["matmul_flops_per_s"] > 0
+    assert results["vanilla"]["prefill_speedup"] == 1.0
     assert results["vanilla"]["prefill_speedup"] == 1.0
     assert results["himix"]["analytic_flops_ratio"] < results["proxyv"]["analytic_flops_ratio"] < 1
     json_path, md_path, png_path = write_report(report, str(tmp_path), "tiny")
     assert json.loads(Path(json_path).read_text())["machine"]["cpu_count"] >= 1
     table = Path(md_path).read_text()
-    assert table.count("\n| ") == 4 and "| himix |" in table  # header + 3 decoders
+    assert table.count("\n| ") == 10 and "| himix+tome_r=2 |" in table  # two tables: header + 4 variants each
     assert Path(png_path).read_bytes()[:4] == b"\x89PNG"
 
 

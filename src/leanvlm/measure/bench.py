@@ -1,16 +1,20 @@
 """`leanvlm bench`: latency, memory and KV-cache size of each decoder, measured interleaved in one process.
 
 Protocol, per repeat and per decoder in turn (after warm-up), with a barrier (`torch.cuda.synchronize`) on GPU:
-- encode: vision encoder + projection of the batch's images (`encode_images`);
+- preprocess: the processor turns the batch's images (random 640 x 480 RGB) into pixel values;
+- encoder: the vision encoder up to the deepest layer the model reads (with the model's token merging, if any);
+- projection: the decoder's projection of those features (connector, HiMix vision K/V);
 - prefill: the decoder prefill from the encoded images, logits for the last position only (time to first token of a
   question about an already-encoded image);
-- TTFT from pixels = encode + prefill;
+- TTFT from pixels = preprocess + encoder + projection + prefill;
 - decode: `decode_steps` greedy steps on the cache, per token;
 - train step: forward + backward with labels from cached encoder features (encoder frozen);
 - peak memory of the prefill and of the training step, in separate untimed passes: CUDA `max_memory_allocated`
   above the level before; on CPU the peak of torch's allocations (torch.profiler memory events).
 Medians and spreads (min..max) over repeats; every ratio is to vanilla in the same run, next to the analytic FLOPs
-ratio of the same work (decoder prefill from encoded images: connector and HiMix vision K/V are part of encode).
+ratio of the same work (decoder prefill from encoded images: connector and HiMix vision K/V are its projection).
+The encoder's time is also set against its analytic FLOPs at this machine's own matrix-multiply rate, measured in
+the same run on a matmul of the encoder's MLP shape: how far the encoder runs from what its arithmetic allows.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from functools import partial
 
 import torch
 
-from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name, option_names
+from leanvlm.decoders import BASELINE, DECODERS, option_names
 from leanvlm.measure.flops import (
     LLM_PRESET_FAMILIES,
     VISION_CONFIGS,
     Convention,
+    EncoderShape,
     LLMShape,
     VisionShape,
     decoder_flops,
+    model_encoder_flops,
     resolve_llm,
 )
 from leanvlm.reports import figure
@@ -43,6 +49,7 @@ from leanvlm.reports import write_report as write_files
 class BenchSettings:
     llm: str = "qwen2-0.5b"
     vision: str = "siglip-so400m-384"
+    # decoders, each optionally with model options: `NAME+key=value` (`leanvlm.config.parse_variant`)
     decoders: list[str] = field(default_factory=lambda: list(DECODERS))
     text_tokens: int = 64
     crops: int = 1
@@ -140,23 +147,34 @@ def decoder_options(config) -> dict:
 
 
 def build_models(settings: BenchSettings):
-    """A model for each decoder, all sharing one LLM and one vision encoder."""
+    """A model for each decoder variant, all sharing one LLM and one vision encoder."""
+    from leanvlm.config import parse_variant
     from leanvlm.modeling import LeanVLMForConditionalGeneration
 
     llm, vision, image_token_id = build_parts(settings)
     dtype = getattr(torch, settings.dtype)
     size = vision.config.image_size
     models = {}
-    for decoder in settings.decoders:
-        check_decoder_name(decoder)
+    for variant in settings.decoders:
+        label, decoder, variant_options = parse_variant(variant)
         own = option_names(DECODERS[decoder])
-        options = {"max_crops": settings.crops, **{k: v for k, v in settings.options.items() if k in own}}
+        options = {"max_crops": settings.crops, **{k: v for k, v in settings.options.items() if k in own},
+                   **variant_options}
         if settings.crops > 1:
             options["image_grid_pinpoints"] = [[size * (settings.crops - 1), size]]
         model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder=decoder,
                                                            image_token_id=image_token_id, **options)
-        models[decoder] = model.to(device=settings.device, dtype=dtype).eval()
+        models[label] = model.to(device=settings.device, dtype=dtype).eval()
     return models
+
+
+def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, device: torch.device,
+                       repeats: int = 5) -> float:
+    """The best rate of (rows x inner) @ (inner x cols) matrix multiplies in FLOPs/s."""
+    a = torch.randn(rows, inner, dtype=dtype, device=device)
+    b = torch.randn(inner, cols, dtype=dtype, device=device)
+    best = min(_timed(partial(torch.matmul, a, b), device)[0] for _ in range(repeats + 1))
+    return 2 * rows * inner * cols / best
 
 
 def _greedy_steps(model, token: torch.Tensor, cache, steps: int) -> None:
@@ -178,13 +196,20 @@ class Workload:
     """A model per decoder (sharing one LLM and one encoder) and the one batch every measurement runs on."""
 
     def __init__(self, settings: BenchSettings):
-        from leanvlm.vision import encode_features
+        import numpy as np
+        from PIL import Image
+
+        from leanvlm.processing import ImagePreprocessor, encoder_image_processor
 
         self.device = torch.device(settings.device)
         self.decode_steps = settings.decode_steps
         torch.manual_seed(0)
         self.models = build_models(settings)
         first = next(iter(self.models.values()))
+        noise = np.random.default_rng(0).integers(0, 256, (settings.batch, 480, 640, 3), dtype=np.uint8)
+        self.images = [Image.fromarray(image) for image in noise]
+        self.preprocessor = ImagePreprocessor(encoder_image_processor(first.vision_model), first.config.max_crops,
+                                              first.config.image_grid_pinpoints)
         size = first.config.vision_config.image_size
         self.pixels = torch.randn(settings.batch * settings.crops, 3, size, size, device=self.device)
         self.crops = [settings.crops] * settings.batch
@@ -192,10 +217,22 @@ class Workload:
         text = torch.randint(3, min(1000, image_id), (settings.batch, settings.text_tokens), device=self.device)
         self.ids = torch.cat([torch.full((settings.batch, 1), image_id, device=self.device), text], dim=1)
         with torch.no_grad():
-            self.contexts = {name: model.encode_images(self.pixels, self.crops)
-                             for name, model in self.models.items()}
-            self.features = encode_features(first.vision_model, self.pixels, first.config.feature_layers,
-                                            first.config.vision_feature_select)
+            self.features = {name: self.encode(name) for name in self.models}
+            self.contexts = {name: self.project(name) for name in self.models}
+
+    def preprocess(self) -> torch.Tensor:
+        return self.preprocessor.preprocess_images(self.images)[0]
+
+    def encode(self, name: str) -> dict:
+        """The encoder's features of the batch, as this model reads them."""
+        from leanvlm.vision import encode_features
+
+        config = self.models[name].config
+        return encode_features(self.models[name].vision_model, self.pixels, config.feature_layers,
+                               config.vision_feature_select, config.tome_r)
+
+    def project(self, name: str):
+        return self.models[name].context_from_features(self.features[name], self.crops)
 
     def rotated(self, repeat: int) -> list[str]:
         """The decoders, starting one further each repeat, so that no decoder always runs right after another."""
@@ -214,16 +251,16 @@ class Workload:
 
         model = self.models[name]
         model.train()
-        tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in self.features.items()})
-        context = ImageContext(name, tokens, self.crops, self.contexts[name].grid)
+        tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in self.features[name].items()})
+        context = ImageContext(model.config.decoder, tokens, self.crops, self.contexts[name].grid)
         model(self.ids, image_context=context, labels=self.ids, return_logits=False).loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
 
 
 def measure_inference(work: Workload, repeats: int, warmup: int, progress=None) -> tuple[dict, dict]:
-    """Encode, prefill, TTFT and decode times in ms per decoder and repeat (warm-up dropped), and each decoder's
-    KV-cache bytes after prefill."""
+    """Preprocess, encoder, projection, prefill, TTFT and decode times in ms per decoder and repeat (warm-up
+    dropped), and each decoder's KV-cache bytes after prefill."""
     times: dict[str, dict[str, list[float]]] = {name: {} for name in work.models}
     cache_bytes = {}
     for repeat in range(warmup + repeats):
@@ -233,15 +270,18 @@ def measure_inference(work: Workload, repeats: int, warmup: int, progress=None) 
             if progress is not None:
                 progress(f"{name}: {f'repeat {repeat - warmup + 1}' if keep else 'warm-up'}")
             with torch.no_grad():
-                encode_s, _ = _timed(partial(model.encode_images, work.pixels, work.crops), work.device)
+                preprocess_s, _ = _timed(work.preprocess, work.device)
+                encoder_s, _ = _timed(partial(work.encode, name), work.device)
+                projection_s, _ = _timed(partial(work.project, name), work.device)
                 cache = work.new_cache(name)
                 prefill_s, out = _timed(partial(work.prefill, name, cache), work.device)
                 cache_bytes[name] = cache.nbytes()
                 token = out.logits[:, -1].argmax(-1)
                 decode_s, _ = _timed(partial(_greedy_steps, model, token, cache, work.decode_steps), work.device)
             if keep:
-                for key, seconds in (("encode_ms", encode_s), ("prefill_ms", prefill_s),
-                                     ("ttft_from_pixels_ms", encode_s + prefill_s),
+                stages = {"preprocess_ms": preprocess_s, "encoder_ms": encoder_s, "projection_ms": projection_s,
+                          "prefill_ms": prefill_s}
+                for key, seconds in (*stages.items(), ("ttft_from_pixels_ms", sum(stages.values())),
                                      ("decode_ms_per_token", decode_s / work.decode_steps)):
                     times[name].setdefault(key, []).append(1e3 * seconds)
     return times, cache_bytes
@@ -286,26 +326,33 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             samples[name]["train_step_ms"] = times
     peaks, memory_method = measure_memory(work, settings.train, progress)
     extra = {name: {"kv_cache_bytes": cache_bytes[name], **peaks[name]} for name in work.models}
-    tokens_per_crop = next(iter(work.contexts.values())).tokens.shape[-2]
+    tokens_per_crop = {name: context.tokens.shape[-2] for name, context in work.contexts.items()}
     configs = {name: model.config for name, model in work.models.items()}
-    return summarize(settings, samples, extra, memory_method, configs, tokens_per_crop)
+    encoder = EncoderShape.from_config(next(iter(configs.values())).vision_config)
+    rate = matmul_flops_per_s(settings.batch * settings.crops * encoder.patches, encoder.hidden, encoder.mlp_width,
+                              getattr(torch, settings.dtype), work.device)
+    return summarize(settings, samples, extra, memory_method, configs, tokens_per_crop, rate)
 
 
-def summarize(settings, samples: dict, extra: dict, memory_method: str, configs: dict, tokens_per_crop: int) -> dict:
+def summarize(settings, samples: dict, extra: dict, memory_method: str, configs: dict,
+              tokens_per_crop: dict[str, int], matmul_rate: float) -> dict:
     """Medians, spreads and ratios to vanilla, next to the analytic FLOPs of the same work (shapes from each
-    decoder's config)."""
+    variant's config, tokens per crop as its encoder gave them)."""
     work = Convention(attention="causal", lm_head="last", connector=False)
     results = {}
     for name, metrics in samples.items():
         config = configs[name]
-        vision = VisionShape(tokens_per_crop, config.vision_config.hidden_size)
+        vision = VisionShape(tokens_per_crop[name], config.vision_config.hidden_size)
         newlines = settings.crops if config.uses_image_newline else 0
-        flops = decoder_flops(LLMShape.from_config(config), vision, settings.text_tokens + newlines, name,
+        flops = decoder_flops(LLMShape.from_config(config), vision, settings.text_tokens + newlines, config.decoder,
                               crops=settings.crops, convention=work, **decoder_options(config))
         prefill_flops = flops["total_flops"] - flops["breakdown"].get("vision_kv", 0)
         row = {key: {"median": statistics.median(v), "min": min(v), "max": max(v)} for key, v in metrics.items()}
         row["tokens_per_s"] = settings.batch * 1e3 / row["decode_ms_per_token"]["median"]
         row["prefill_flops"] = prefill_flops * settings.batch
+        encoder = model_encoder_flops(config, config.vision_config.image_size, settings.crops)
+        row["encoder_flops"] = encoder["total_flops"] * settings.batch
+        row["encoder_vs_matmul_rate"] = row["encoder_ms"]["median"] / (1e3 * row["encoder_flops"] / matmul_rate)
         row.update(extra[name])
         row["options"] = decoder_options(config)  # as the model resolved them (e.g. ProxyV's middle layer)
         results[name] = row
@@ -318,10 +365,13 @@ def summarize(settings, samples: dict, extra: dict, memory_method: str, configs:
             row["ttft_reused_vs_vanilla_from_pixels"] = (
                 base["ttft_from_pixels_ms"]["median"] / row["prefill_ms"]["median"]
             )
+            row["ttft_from_pixels_speedup"] = (
+                base["ttft_from_pixels_ms"]["median"] / row["ttft_from_pixels_ms"]["median"]
+            )
     first = next(iter(configs.values()))
     title = settings.model or f"{settings.llm} + {settings.vision}"
     return {"title": title, "settings": asdict(settings), "machine": machine(), "memory_method": memory_method,
-            "results": results, "llm_layers": first.text_config.num_hidden_layers}
+            "matmul_flops_per_s": matmul_rate, "results": results, "llm_layers": first.text_config.num_hidden_layers}
 
 
 def write_report(report: dict, out_dir: str, name: str = "bench") -> list[str]:
@@ -395,6 +445,18 @@ def markdown(report: dict) -> str:
             f"{row['kv_cache_bytes'] / 2**20:.1f} | {_mib(row.get('prefill_peak_bytes'))} | "
             f"{cell(row, 'train_step_ms')} | {_mib(row.get('train_peak_bytes'))} |"
         )
+    lines += ["", f"Time to first token from pixels, by stage (ms, medians). Encoder vs matmul rate: its time over "
+              f"its analytic FLOPs ({report['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s measured on a matmul of its MLP's "
+              "shape in this run).", "",
+              "| decoder | preprocess | encoder | projection | prefill | TTFT from pixels | speed-up | encoder share "
+              "| encoder GFLOPs | encoder vs matmul rate |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in report["results"].items():
+        stages = [row[key]["median"] for key in ("preprocess_ms", "encoder_ms", "projection_ms", "prefill_ms")]
+        total = row["ttft_from_pixels_ms"]["median"]
+        lines.append(f"| {name} | " + " | ".join(f"{value:.0f}" for value in stages)
+                     + f" | {total:.0f} | {_ratio(row.get('ttft_from_pixels_speedup'))} | {stages[1] / total:.0%} | "
+                     f"{row['encoder_flops'] / 1e9:.1f} | {row['encoder_vs_matmul_rate']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

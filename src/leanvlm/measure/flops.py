@@ -11,6 +11,10 @@ Token layout assumed for causal counts: the image(s) come before the text, and c
 after all crops (the exact masks differ by a few percent of the attention term). Probe counts are what the probe
 could save; leanvlm's probes compute and discard the vision rows. The attention-skip probe drops the vision rows'
 q and o projections (ProxyV's Table 1 keeps o counted).
+
+`encoder_flops` counts the vision encoder's forward the same way (attention as the full rectangle: it is
+bidirectional), optionally with ToMe token merging, so that `leanvlm flops` can show end-to-end cost: once the decoder
+is HiMix, the encoder is most of it.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ VISION_CONFIGS = {
                                                       num_attention_heads=16, image_size=384, patch_size=14)),
     "clip-l-336": ("clip_vision_model", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                              num_attention_heads=16, image_size=336, patch_size=14)),
-    "dinov2-s14-224": ("dinov2", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
+    # DINOv2's MLP width is hidden_size x mlp_ratio (its config has no intermediate_size)
+    "dinov2-s14-224": ("dinov2", dict(hidden_size=384, mlp_ratio=4, num_hidden_layers=12,
                                       num_attention_heads=6, image_size=224, patch_size=14)),
 }
+ENCODER_TYPES = ("siglip_vision_model", "clip_vision_model", "dinov2")  # the encoders `encoder_flops` can count
 VISION_PRESETS = {  # patch tokens per image (CLS dropped) and width
     name: VisionShape((fields["image_size"] // fields["patch_size"]) ** 2, fields["hidden_size"])
     for name, (_, fields) in VISION_CONFIGS.items()
@@ -157,6 +163,120 @@ def decode_flops(llm, context_tokens: int, convention: str | Convention = "prefi
     }
     breakdown = {key: 2 * value for key, value in macs.items()}
     return {"total_flops": sum(breakdown.values()), "breakdown": breakdown, "context_tokens": context_tokens}
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """A ViT encoder's shape as its FLOPs need it."""
+
+    hidden: int
+    layers: int
+    heads: int
+    mlp_width: int  # the MLP's hidden width
+    mlp_maps: int  # its linear maps: 2 (up, down), or 3 (SwiGLU's gate, up, down)
+    patch_inputs: int  # channels x patch pixels: one patch embedding's input
+    patches: int
+    prefix: int  # tokens before the patches, never merged: CLS and registers (SigLIP has none)
+
+    @classmethod
+    def from_config(cls, config, image_size=None) -> EncoderShape:
+        """From a Hugging Face vision config object of a type in ENCODER_TYPES; `image_size` (pixels, one int or
+        (height, width)) overrides the config's, for an encoder fed other sizes (DINOv2 interpolates its positions)."""
+        def pair(value) -> tuple[int, int]:
+            return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+        (height, width), (patch_h, patch_w) = pair(image_size or config.image_size), pair(config.patch_size)
+        hidden, mlp_maps = config.hidden_size, 2
+        registers = getattr(config, "num_register_tokens", 0) or 0
+        prefix = 0 if config.model_type == "siglip_vision_model" else 1 + registers
+        if config.model_type != "dinov2":
+            mlp_width = config.intermediate_size
+        else:  # DINOv2's width comes from mlp_ratio; its SwiGLU variant, as transformers' Dinov2SwiGLUFFN builds it
+            mlp_width = int(hidden * config.mlp_ratio)
+            if config.use_swiglu_ffn:
+                mlp_width, mlp_maps = (int(mlp_width * 2 / 3) + 7) // 8 * 8, 3
+        return cls(hidden=hidden, layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                   mlp_width=mlp_width, mlp_maps=mlp_maps, patch_inputs=config.num_channels * patch_h * patch_w,
+                   patches=(height // patch_h) * (width // patch_w), prefix=prefix)
+
+
+def resolve_encoder_config(vision):
+    """A vision preset name, a Hugging Face vision config (object, or dict with model_type) or a config that holds
+    one as `vision_config` (leanvlm's, CLIP's, SigLIP's) -> the Hugging Face vision config object."""
+    from transformers import AutoConfig
+
+    if isinstance(vision, str):
+        if vision not in VISION_CONFIGS:
+            raise ValueError(f"Unknown vision encoder {vision!r}: use a preset ({', '.join(VISION_CONFIGS)}) or a "
+                             "Hugging Face vision config.")
+        model_type, fields = VISION_CONFIGS[vision]
+        vision = {"model_type": model_type, **fields}
+    get = vision.get if isinstance(vision, dict) else lambda key, default=None: getattr(vision, key, default)
+    if get("vision_config") is not None:
+        return resolve_encoder_config(get("vision_config"))
+    if get("model_type") not in ENCODER_TYPES:
+        raise ValueError(f"Vision config of type {get('model_type')!r}: encoder FLOPs are counted for "
+                         f"{', '.join(ENCODER_TYPES)} configs (or a preset: {', '.join(VISION_CONFIGS)}).")
+    # a dict gets the Hugging Face defaults of what it leaves out
+    return AutoConfig.for_model(**vision) if isinstance(vision, dict) else vision
+
+
+def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_per_layer: int = 0,
+                  image_size: int | None = None) -> dict:
+    """Forward FLOPs of the vision encoder on `crops` crops (one sample's images), FLOPs = 2 x MACs.
+
+    vision: a preset (VISION_CONFIGS) or a Hugging Face vision config (see `resolve_encoder_config`).
+    layers: encoder layers run (default: all). leanvlm runs those up to its deepest feature layer
+    (`leanvlm.encoder.layers_needed`) and never SigLIP's attention-pooling head nor the final layernorm, so neither
+    is counted; nor are norms, activations, softmax and position embeddings.
+    merge_per_layer: ToMe's r (arXiv 2210.09461): each layer's attention runs on its S tokens, then r tokens are
+    merged away before the MLP; at most half of the mergeable (non-prefix) tokens, as bipartite matching allows.
+    The matching's similarity scores are the breakdown's "merge" part (absent when r = 0).
+    image_size: pixels per side the encoder is fed (default: the config's image_size).
+    Returns {"total_flops", "breakdown" (all crops), "per_crop_flops", "tokens": {"input", "output", "prefix"} (per
+    crop), "layers", "crops"}.
+    """
+    shape = EncoderShape.from_config(resolve_encoder_config(vision), image_size)
+    layers = shape.layers if layers is None else layers
+    if not 0 <= layers <= shape.layers:
+        raise ValueError(f"layers={layers}: this encoder has {shape.layers} layers; run 0 to {shape.layers}.")
+    if crops < 1 or merge_per_layer < 0:
+        raise ValueError(f"crops must be >= 1 and merge_per_layer >= 0, got {crops} and {merge_per_layer}.")
+    d = shape.hidden
+    tokens = first = shape.prefix + shape.patches
+    macs = {"patch_embed": shape.patches * shape.patch_inputs * d, "qkvo": 0, "attention": 0, "mlp": 0}
+    if merge_per_layer:
+        macs["merge"] = 0
+    for _ in range(layers):
+        macs["qkvo"] += 4 * tokens * d * d
+        macs["attention"] += 2 * tokens * tokens * d  # QK^T and AV, every query against every key
+        # ToMe splits the tokens alternately into sets A and B (the CLS token in A, barred from merging) and scores
+        # every A x B pair on the keys averaged over heads (d / heads wide), as leanvlm.tome and ToMe's own code do;
+        # at most half of the mergeable tokens merge, so one is left besides the prefix, and the MLP runs on the rest.
+        merged = min(merge_per_layer, (tokens - shape.prefix) // 2)
+        if merged:
+            macs["merge"] += (tokens - tokens // 2) * (tokens // 2) * (d // shape.heads)
+        macs["mlp"] += (tokens - merged) * shape.mlp_maps * d * shape.mlp_width
+        tokens -= merged
+    per_crop = 2 * sum(macs.values())
+    return {
+        "total_flops": per_crop * crops,
+        "breakdown": {key: 2 * value * crops for key, value in macs.items()},
+        "per_crop_flops": per_crop,
+        "tokens": {"input": first, "output": tokens, "prefix": shape.prefix},
+        "layers": layers,
+        "crops": crops,
+    }
+
+
+def model_encoder_flops(model_config, image_size: int, crops: int = 1) -> dict:
+    """`encoder_flops` of a leanvlm model's encoder on one sample's `crops` crops of `image_size` pixels, run as the
+    model runs it: up to its deepest feature layer, merging `tome_r` tokens per layer."""
+    from leanvlm.encoder import layers_needed
+
+    vision = model_config.vision_config
+    layers = layers_needed(vision.num_hidden_layers, model_config.feature_layers)
+    return encoder_flops(vision, crops, layers=layers, merge_per_layer=model_config.tome_r, image_size=image_size)
 
 
 def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, image_crops=None) -> int:

@@ -1,53 +1,92 @@
-"""`leanvlm flops`: the analytic prefill cost of every decoder policy for one model shape, one decoded token's
-cost, and how they are shown (a table, or one JSON object for one decoder)."""
+"""`leanvlm flops`: the analytic prefill cost of every decoder policy for one model shape, with the vision encoder's
+and the end-to-end sum, one decoded token's cost, and how they are shown (a table, or one JSON object for one
+decoder)."""
 
 from __future__ import annotations
 
-from leanvlm.decoders import BASELINE, DECODERS
-from leanvlm.measure.flops import decode_flops, decoder_flops
+from dataclasses import asdict
+from types import SimpleNamespace
+
+from leanvlm.decoders import BASELINE, DECODERS, option_names
+from leanvlm.measure.flops import decode_flops, decoder_flops, encoder_flops, resolve_encoder_config
 
 
 def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = None, crops: int = 1,
-        convention: str = "prefill", **options) -> dict:
-    """Prefill FLOPs of every registered decoder (each with its own of the decoder `options`), and of one decoded
-    token after that prefill."""
-    results = {
-        name: decoder_flops(llm, vision, text_tokens, name, vision_tokens=vision_tokens, crops=crops,
-                            convention=convention, **options)
-        for name in DECODERS
-    }
+        convention: str = "prefill", vision_feature_layer: int = -2, tome_r: int = 0, **options) -> dict:
+    """Prefill FLOPs of every registered decoder (each with its own of the decoder `options`), of the vision encoder
+    it needs (up to its deepest feature layer, `tome_r` tokens merged per layer) and of both, and of one decoded
+    token after vanilla's prefill. Without `vision_tokens`, each decoder reads what its encoder leaves per crop."""
+    results = {}
+    for name in DECODERS:
+        if tome_r and DECODERS[name].needs_patch_grid:  # leanvlm refuses that model (LeanVLMConfig)
+            continue
+        encoder = encoder_cost(name, vision, crops, vision_feature_layer, tome_r, options)
+        left = (encoder["tokens"]["output"] - encoder["tokens"]["prefix"]) * crops  # the "patch" selection
+        result = decoder_flops(llm, vision, text_tokens, name, crops=crops, convention=convention,
+                               vision_tokens=left if vision_tokens is None else vision_tokens, **options)
+        results[name] = dict(result, encoder=encoder, end_to_end_flops=result["total_flops"] + encoder["total_flops"])
     tokens = results[BASELINE]["tokens"]
     step = decode_flops(llm, tokens["vision"] + tokens["text"], convention)
     return {"llm": llm, "vision": vision, "convention": convention, "tokens": tokens, "results": results,
+            "vision_feature_layer": vision_feature_layer, "tome_r": tome_r,
             "decode_flops_per_token": step["total_flops"]}
+
+
+def encoder_cost(decoder: str, vision, crops: int, vision_feature_layer: int, tome_r: int, options: dict) -> dict:
+    """`encoder_flops` for the layers `decoder` reads: `vision_feature_layer`, or its own option's (HiMix's
+    himix_feature_layers), as its model config would resolve them."""
+    from leanvlm.encoder import layers_needed
+
+    policy = DECODERS[decoder]
+    own = policy.Options(**{name: options[name] for name in option_names(policy) if name in options})
+    config = SimpleNamespace(vision_feature_layer=vision_feature_layer, **asdict(own))
+    depth = layers_needed(resolve_encoder_config(vision).num_hidden_layers, policy.feature_layers(config))
+    return encoder_flops(vision, crops, layers=depth, merge_per_layer=tome_r)
 
 
 def for_decoder(report: dict, decoder: str) -> dict:
     """One decoder's FLOPs with its ratio to the baseline, every decoder's total and the decode cost."""
     results = report["results"]
+    if decoder not in results:
+        raise ValueError(f"The {decoder} decoder reads the encoder's patch grid, which token merging (--tome-r "
+                         f"{report['tome_r']}) dissolves; choose another decoder or --tome-r 0.")
     chosen = dict(results[decoder], decoder=decoder, llm=report["llm"], vision=report["vision"])
     chosen["ratio_to_vanilla"] = chosen["total_flops"] / results[BASELINE]["total_flops"]
+    chosen["encoder_flops"] = chosen["encoder"]["total_flops"]
+    chosen["end_to_end_ratio_to_vanilla"] = chosen["end_to_end_flops"] / results[BASELINE]["end_to_end_flops"]
     chosen["all_decoders"] = {name: r["total_flops"] for name, r in results.items()}
     chosen["decode_flops_per_token"] = report["decode_flops_per_token"]
     return chosen
 
 
 def render(report: dict, console) -> None:
-    """GFLOPs per decoder and part, each total against the baseline, then the decode cost."""
+    """The encoder's GFLOPs, then per decoder and part the decoder's, each total against the baseline, and the
+    end-to-end (encoder + decoder) totals; then the decode cost."""
     from rich.table import Table
 
     results, tokens = report["results"], report["tokens"]
-    baseline = results[BASELINE]["total_flops"]
+    baseline, baseline_e2e = results[BASELINE]["total_flops"], results[BASELINE]["end_to_end_flops"]
+    encoder = results[BASELINE]["encoder"]
+    merged = f" -> {encoder['tokens']['output']} (ToMe r={report['tome_r']})" if report["tome_r"] else ""
+    console.print(f"vision encoder {report['vision']}, {encoder['layers']} layers (to hidden state "
+                  f"{report['vision_feature_layer']}), {encoder['tokens']['input']}{merged} tokens per crop: "
+                  f"{encoder['per_crop_flops'] / 1e9:.1f} GFLOPs per crop, {encoder['total_flops'] / 1e9:.1f} for "
+                  f"{encoder['crops']} crop{'s' if encoder['crops'] > 1 else ''}")
     parts = sorted({part for r in results.values() for part in r["breakdown"]})
-    table = Table(title=f"Decoder prefill GFLOPs: {report['llm']}, {report['vision']}, {tokens['vision']} vision + "
-                        f"{tokens['text']} text tokens ({report['convention']})")
+    table = Table(title=f"Prefill GFLOPs: {report['llm']}, {report['vision']}, {tokens['vision']} vision + "
+                        f"{tokens['text']} text tokens ({report['convention']}): decoder by part, then with the "
+                        "encoder")
     table.add_column("decoder", no_wrap=True)
-    for column in ["total", f"vs {BASELINE}", *parts]:
+    for column in ["total", f"vs {BASELINE}", *parts, "encoder", "end-to-end", f"e2e vs {BASELINE}"]:
         table.add_column(column, justify="right")
     for name, result in results.items():
         cells = [f"{result['breakdown'].get(part, 0) / 1e9:.1f}" for part in parts]
-        total = result["total_flops"]
-        table.add_row(name, f"{total / 1e9:.1f}", f"{total / baseline:.1%}", *cells)
+        total, e2e = result["total_flops"], result["end_to_end_flops"]
+        table.add_row(name, f"{total / 1e9:.1f}", f"{total / baseline:.1%}", *cells,
+                      f"{result['encoder']['total_flops'] / 1e9:.1f}", f"{e2e / 1e9:.1f}", f"{e2e / baseline_e2e:.1%}")
     console.print(table)
+    if len(results) < len(DECODERS):
+        console.print(f"not shown: {', '.join(sorted(set(DECODERS) - set(results)))} (reads the patch grid, which "
+                      "token merging dissolves)")
     console.print(f"one decoded token at {tokens['vision'] + tokens['text']} tokens of context: "
                   f"{report['decode_flops_per_token'] / 1e9:.2f} GFLOPs (every decoder)")
