@@ -30,6 +30,12 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
     assert report["test"]["samples"] == 7 and len(report["test"]["families"]) == 7  # every family asked
     flops = report["decoder_gflops_per_sample"]
     assert flops["himix"] < 0.25 * flops["vanilla"]
+    # the encoder as the demo runs it: DINOv2-S at 224 pixels up to hidden state 8
+    from leanvlm.measure.flops import encoder_flops
+
+    expected = encoder_flops("dinov2-s14-224", layers=8)["total_flops"] / 1e9
+    assert report["encoder_gflops_per_sample"] == pytest.approx(expected, abs=1e-3)
+    assert "+ encoder" in result.output
     assert [stage["name"] for stage in report["stages"]] == ["align", "instruct"]
     assert (out / "new-image.png").is_file() and report["new_question"]["prediction"] is not None
     model = LeanVLMForConditionalGeneration.from_pretrained(report["model"])

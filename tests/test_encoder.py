@@ -89,3 +89,25 @@ def test_a_model_with_token_merging_reads_fewer_vision_tokens(decoder):
 def test_token_merging_refuses_what_it_cannot_serve(options, message):
     with pytest.raises(ValueError, match=message):
         build(**options)
+
+
+def test_other_encoders_run_their_own_forward_and_refuse_merging():
+    from tiny import text_config
+    from transformers import Dinov2WithRegistersConfig
+
+    from leanvlm import LeanVLMForConditionalGeneration
+
+    vision = Dinov2WithRegistersConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=2)
+    model = LeanVLMForConditionalGeneration.from_parts(language_model=text_config("llama"), vision_model=vision,
+                                                       decoder="himix").eval()
+    images = pixels(2)
+    with torch.no_grad():
+        reference = model.vision_model(pixel_values=images, output_hidden_states=True).hidden_states[-2]
+        features = run_encoder(model.vision_model, images, [-2])[-2]
+        tokens = model.encode_images(images).tokens
+    torch.testing.assert_close(features, reference, rtol=0, atol=0)
+    assert tokens.shape[-2] == 16  # CLS and both registers dropped by the "patch" selection
+    with pytest.raises(ValueError, match="token merging runs in"):
+        LeanVLMForConditionalGeneration.from_parts(language_model=text_config("llama"), vision_model=vision,
+                                                   decoder="himix", tome_r=2)

@@ -389,6 +389,7 @@ def analyze_probe(
     vision: str = typer.Option("dinov2-s14", help="Encoder: a packaged part or a Hugging Face directory."),
     steps: int = typer.Option(1500, min=1, help="Probe training steps (batches of 64)."),
     train_samples: int = typer.Option(None, min=1, help="Use only the first N training records."),
+    tome_r: int = typer.Option(0, min=0, help="ToMe: tokens merged per encoder layer (0 = off)."),
     out: Path = typer.Option(Path("probe"), help="Directory for probe.json, probe.md and probe.png."),
 ) -> None:
     """What the frozen encoder's features can answer at all: a small question-conditioned attention probe per
@@ -398,7 +399,7 @@ def analyze_probe(
     from leanvlm.measure import probe
 
     console = Console()
-    report = probe.run(str(data), layer, vision, steps, train_samples, console=console)
+    report = probe.run(str(data), layer, vision, steps, train_samples, tome_r=tome_r, console=console)
     paths = probe.write(report, str(out))
     console.print(probe.markdown(report))
     console.print("wrote " + ", ".join(paths))

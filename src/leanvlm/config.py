@@ -145,6 +145,11 @@ class LeanVLMConfig(PreTrainedConfig):
             raise ValueError(f"tome_r must be an int >= 0 (tokens merged per encoder layer), got {self.tome_r!r}.")
         if not self.tome_r:
             return
+        from leanvlm.encoder import ENCODER_TYPES
+
+        if self.vision_config.model_type not in ENCODER_TYPES:
+            raise ValueError(f"tome_r={self.tome_r}: token merging runs in {', '.join(ENCODER_TYPES)} encoders, "
+                             f"not {self.vision_config.model_type}.")
         if DECODERS[self.decoder].needs_patch_grid:
             raise ValueError(
                 f"tome_r={self.tome_r} merges the encoder's tokens out of their patch grid, which the {self.decoder} "

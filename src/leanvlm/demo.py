@@ -150,6 +150,7 @@ def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_V
     from leanvlm.data.llava import LLaVADataset, read_records
     from leanvlm.eval.exact_match import evaluate
     from leanvlm.hub import pretrained_part
+    from leanvlm.measure.flops import model_encoder_flops
     from leanvlm.train.trainer import Trainer
 
     console = console or Console()
@@ -174,6 +175,7 @@ def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_V
                                                 template=processor.template))
     flops = {name: flops_per_sample(name, text_tokens, model.config if name == decoder else None)["total_flops"]
              for name in dict.fromkeys([decoder, BASELINE])}
+    encoder = model_encoder_flops(model.config, processor.crop_size)["total_flops"]  # every decoder reads this layer
     question = new_question(out, seed + 1_000_003)
     question["prediction"] = ask(model, processor, question)
     report = {
@@ -185,6 +187,7 @@ def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_V
         "text_tokens_per_sample": text_tokens,
         "vision_tokens_per_sample": 256,
         "decoder_gflops_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()},
+        "encoder_gflops_per_sample": round(encoder / 1e9, 3),
         "new_question": question,
         "seconds": {**timer.phases, "total": timer.total()},
         "peak_memory_mib": peak_memory_mib(),
@@ -194,21 +197,22 @@ def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_V
 
 
 def render(report: dict, console, report_path: str) -> None:
-    """Test accuracy per family, decoder FLOPs against vanilla, the new question and the time per phase."""
+    """Test accuracy per family, decoder and end-to-end FLOPs against vanilla, the new question and the time per
+    phase."""
     from rich.table import Table
 
     from leanvlm.eval.exact_match import results_table
 
     test = report["test"]
     console.print(results_table(test, f"ShapesVQA test exact match ({report['decoder']}, {test['samples']} questions)"))
-    flops = report["decoder_gflops_per_sample"]
-    table = Table(title=f"Decoder prefill per sample ({report['vision_tokens_per_sample']} vision + "
-                        f"{report['text_tokens_per_sample']} text tokens, analytic)")
-    table.add_column("decoder")
-    table.add_column("GFLOPs", justify="right")
-    table.add_column(f"vs {BASELINE}", justify="right")
+    flops, encoder = report["decoder_gflops_per_sample"], report.get("encoder_gflops_per_sample", 0.0)
+    table = Table(title=f"Prefill per sample ({report['vision_tokens_per_sample']} vision + "
+                        f"{report['text_tokens_per_sample']} text tokens, analytic GFLOPs)")
+    for column in ("decoder", "decoder GFLOPs", f"vs {BASELINE}", "+ encoder", f"vs {BASELINE}"):
+        table.add_column(column, justify="left" if column == "decoder" else "right")
     for name, value in flops.items():
-        table.add_row(name, f"{value:.2f}", f"{value / flops[BASELINE]:.1%}")
+        table.add_row(name, f"{value:.2f}", f"{value / flops[BASELINE]:.1%}", f"{value + encoder:.2f}",
+                      f"{(value + encoder) / (flops[BASELINE] + encoder):.1%}")
     console.print(table)
     question = report["new_question"]
     console.print(f"new image: {question['image']}\nquestion:  {question['question']}\n"

@@ -6,8 +6,8 @@ Owning the loop buys two things the HF forward cannot give without patching tran
   DINOv2 read at hidden state 8 of 12 skips four), and never the pooling head or the final norm;
 - token merging between attention and MLP (ToMe, `leanvlm.tome`), with size-weighted attention.
 
-Hidden-state indices are those of HF's `output_hidden_states`: 0 is the embeddings (after CLIP's pre-norm), k the
-output of layer k, negative indices count from the end.
+Other encoders run their own HF forward, whole. Hidden-state indices are those of HF's `output_hidden_states`: 0
+is the embeddings (after CLIP's pre-norm), k the output of layer k, negative indices count from the end.
 """
 
 from __future__ import annotations
@@ -39,13 +39,6 @@ class Block:
     norm2: nn.Module
     mlp: nn.Module
     scale2: nn.Module
-
-
-def check_encoder(config) -> None:
-    if config.model_type not in ENCODER_TYPES:
-        raise ValueError(
-            f"leanvlm runs {', '.join(ENCODER_TYPES)} vision encoders; this one is {config.model_type!r}."
-        )
 
 
 def layer_modules(vision_model: nn.Module) -> nn.ModuleList:
@@ -93,7 +86,12 @@ def run_encoder(
     averages of the patches they absorbed, in no spatial order.
     """
     config = vision_model.config
-    check_encoder(config)
+    if config.model_type not in ENCODER_TYPES:  # any other encoder: its own forward, every layer
+        if merge_per_layer:
+            raise ValueError(f"Token merging runs in {', '.join(ENCODER_TYPES)} encoders, not "
+                             f"{config.model_type}.")
+        hidden_states = vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return {index: hidden_states[index] for index in states}
     layers = layer_modules(vision_model)
     depth = layers_needed(len(layers), states)
     hidden = embed(vision_model, pixel_values)

@@ -37,8 +37,8 @@ def check_pixel_values(pixel_values: torch.Tensor, vision_config) -> None:
 def select_tokens(hidden: torch.Tensor, prefix: int, select: str) -> torch.Tensor:
     """hidden (n, S, d_v) -> the tokens the decoder consumes.
 
-    "patch" drops the encoder's `prefix` tokens (CLS; SigLIP has none), "full" keeps everything, "drop_first" drops
-    token 0 whatever it is (LLaVA's "default" strategy).
+    "patch" drops the encoder's `prefix` tokens (CLS, registers; SigLIP has none), "full" keeps everything,
+    "drop_first" drops token 0 whatever it is (LLaVA's "default" strategy).
     """
     if select == "full":
         return hidden
@@ -56,7 +56,10 @@ def encode_features(
     check_pixel_values(pixel_values, config)
     dtype = next(vision_model.parameters()).dtype
     states = run_encoder(vision_model, pixel_values.to(dtype), sorted(set(layers)), merge_per_layer)
-    prefix = int(config.model_type in CLS_FIRST)
+    patch = config.patch_size
+    patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+    # tokens before the patches: CLS or registers, wherever tokens were not merged; merging keeps only CLS
+    prefix = int(config.model_type in CLS_FIRST) if merge_per_layer else next(iter(states.values())).shape[1] - patches
     return {layer: select_tokens(hidden, prefix, select) for layer, hidden in states.items()}
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
 from leanvlm.decoders.cost import LLMShape, PrefillShape
+from leanvlm.encoder import ENCODER_TYPES
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,6 @@ VISION_CONFIGS = {
     "dinov2-s14-224": ("dinov2", dict(hidden_size=384, mlp_ratio=4, num_hidden_layers=12,
                                       num_attention_heads=6, image_size=224, patch_size=14)),
 }
-ENCODER_TYPES = ("siglip_vision_model", "clip_vision_model", "dinov2")  # the encoders `encoder_flops` can count
 VISION_PRESETS = {  # patch tokens per image (CLS dropped) and width
     name: VisionShape((fields["image_size"] // fields["patch_size"]) ** 2, fields["hidden_size"])
     for name, (_, fields) in VISION_CONFIGS.items()

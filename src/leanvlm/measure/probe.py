@@ -140,15 +140,19 @@ def load_split(path: str, image_root: str, cache, layers: list[int], vocabulary:
 
 
 def run(data: str, layer_sets: list[str], vision: str = "dinov2-s14", steps: int = 1500, train_limit: int | None = None,
-        seed: int = 0, console=None) -> dict:
+        seed: int = 0, tome_r: int = 0, console=None) -> dict:
     """Probe accuracy per family and layer set on a ShapesVQA directory (train.json -> test.json), with the features
-    encoded into `data`/features (shared with training) first when missing."""
+    encoded into `data`/features (shared with training) first when missing; `tome_r` merges tokens in the encoder
+    (`leanvlm.tome`), which then leaves fewer of them, in no spatial order."""
     from rich.progress import Progress
 
     from leanvlm.data.features import FeatureCache, encode_data
     from leanvlm.data.synthetic import ANSWERS
 
     sets = parse_layer_sets(layer_sets)
+    if tome_r and any(len(s) > 1 for s in sets):
+        raise ValueError(f"tome_r={tome_r} leaves a different number of tokens after each encoder layer, so layers "
+                         "cannot be joined side by side; probe one layer per --layer.")
     layers = sorted({layer for s in sets for layer in s})
     files = [os.path.join(data, f"{split}.json") for split in ("train", "test")]
     for path in files:
@@ -157,7 +161,7 @@ def run(data: str, layer_sets: list[str], vision: str = "dinov2-s14", steps: int
     out = os.path.join(data, "features")
     with Progress(console=console, disable=console is None) as bar:
         task = bar.add_task("encoding images", total=None)
-        encoded = encode_data(files, out, vision=vision, layers=layers,
+        encoded = encode_data(files, out, vision=vision, layers=layers, tome_r=tome_r,
                               progress=lambda done, total: bar.update(task, advance=done, total=total))
     cache = FeatureCache(out, encoded["signature"])
     vocabulary, answer_ids = {"<unk>": 0}, {}
@@ -178,7 +182,7 @@ def run(data: str, layer_sets: list[str], vision: str = "dinov2-s14", steps: int
             family: score([c for c, f in zip(correct, test["families"], strict=True) if f == family])
             for family in sorted(set(test["families"]))}, "seconds": round(time.perf_counter() - started, 1)}
     priors = {family: 1 / len(answers) for family, answers in ANSWERS.items()}
-    return {"data": data, "vision": vision, "train_samples": len(train["answers"]),
+    return {"data": data, "vision": vision, "tome_r": tome_r, "train_samples": len(train["answers"]),
             "test_samples": len(test["answers"]), "steps": steps, "chance": priors, "results": results}
 
 
