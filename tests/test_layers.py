@@ -10,7 +10,7 @@ PACKAGE = Path(leanvlm.__file__).parent
 # Bottom to top, by the first component under leanvlm/ (a module file or a folder).
 LAYERS = [
     {"decoders"},  # policies, attention, cache, the LLM adapter: never the config
-    {"config", "vision", "crops", "processing", "hub", "generation", "modeling", "reports",
+    {"config", "vision", "encoder", "tome", "crops", "processing", "hub", "generation", "modeling", "reports",
      "stats"},  # the HF-style core
     {"data"},
     {"eval"},  # metrics and answering, which training, measuring and serving report with

@@ -84,7 +84,7 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(decoder, fam
 def test_a_cached_image_skips_the_encoder():
     model, _, engine = setup("himix")
     calls = []
-    model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    model.vision_model.embeddings.register_forward_hook(lambda *args: calls.append(1))  # every encoder run embeds
     ids, images = chats(engine)[0]
     for i in range(3):
         engine.submit(engine.request(ids, images, max_new_tokens=2, request_id=f"q{i}"))
