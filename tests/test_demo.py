@@ -112,3 +112,13 @@ def test_demo_recipe_keeps_its_policy_options_for_its_own_decoder_only(tmp_path)
         assert recipe.model.decoder == "vanilla" and "himix_zero_init_values" not in recipe.model.options
         assert recipe.model.options["vision_feature_layer"] == 8
         LeanVLMConfig(decoder="vanilla", **recipe.model.options)  # a valid vanilla configuration
+
+
+def test_a_compare_variant_with_token_merging_reaches_the_model_config(tmp_path):
+    from leanvlm.config import LeanVLMConfig, parse_variant
+    from leanvlm.demo import demo_recipe
+
+    _, decoder, options = parse_variant("himix+tome_r=16")
+    recipe = demo_recipe(str(tmp_path), str(tmp_path / "run"), decoder, **options)
+    assert recipe.model.options["tome_r"] == 16 and recipe.model.options["vision_feature_layer"] == 8
+    assert LeanVLMConfig(decoder=decoder, **recipe.model.options).tome_r == 16

@@ -190,3 +190,24 @@ def test_zero_initialised_values_start_from_attention_mass_only(family, tmp_path
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert all(bool((m.v_proj.weight == 0.5).all()) for m in loaded.decoder.vision_kv)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_matmul_projection_equals_each_layers_norm_and_projections(family, dtype):
+    model = build("himix", family, himix_feature_layers=[-1, -2]).to(dtype)
+    for module in model.decoder.vision_kv:  # norm weights and biases away from their initial values
+        for parameter in module.parameters():
+            parameter.data.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    features = {layer: torch.randn(2, 16, 24, generator=g).to(dtype) for layer in (-1, -2)}
+    with torch.no_grad():
+        projected = model.decoder.project_images(features)  # (n, L, 2, H_kv, N, D)
+        for layer, (module, feature_layer) in enumerate(zip(model.decoder.vision_kv, model.decoder.layer_feature,
+                                                            strict=True)):
+            key, value = module(features[feature_layer])  # (n, N, H_kv * D)
+            for i, expected in enumerate((key, value)):
+                got = projected[:, layer, i].transpose(1, 2).flatten(2)  # (n, N, H_kv * D)
+                tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+                torch.testing.assert_close(got, expected, **tolerance)
+    assert model.decoder.layer_feature[0] != model.decoder.layer_feature[-1]  # both groups were exercised
