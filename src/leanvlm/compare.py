@@ -68,8 +68,8 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
     # the crops the processor makes of a test image (ShapesVQA's images are all one size)
     crops = len(processor.crops_of(Image.open(os.path.join(data, records[0]["image"])).convert("RGB")))
     encoder_cost = model_encoder_flops(model.config, processor.crop_size, crops)
-    left = encoder_cost["tokens"]["output"] - encoder_cost["tokens"]["prefix"]  # per crop, after any token merging
-    flops = flops_per_sample(decoder, text_tokens, model.config, vision_tokens=left * crops)["total_flops"]
+    vision_tokens = encoder_cost["tokens"]["patches"] * crops  # after any token merging
+    flops = flops_per_sample(decoder, text_tokens, model.config, vision_tokens=vision_tokens)["total_flops"]
     encoder = encoder_cost["total_flops"]
     result = {
         "decoder": decoder, "options": options, "overrides": list(overrides),

@@ -8,6 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
 from leanvlm.decoders.llm import check_supported_text_config
+from leanvlm.encoder import ENCODER_TYPES
 
 IMAGE_TOKEN = "<image>"
 
@@ -145,8 +146,6 @@ class LeanVLMConfig(PreTrainedConfig):
             raise ValueError(f"tome_r must be an int >= 0 (tokens merged per encoder layer), got {self.tome_r!r}.")
         if not self.tome_r:
             return
-        from leanvlm.encoder import ENCODER_TYPES
-
         if self.vision_config.model_type not in ENCODER_TYPES:
             raise ValueError(f"tome_r={self.tome_r}: token merging runs in {', '.join(ENCODER_TYPES)} encoders, "
                              f"not {self.vision_config.model_type}.")

@@ -205,7 +205,7 @@ def render(report: dict, console, report_path: str) -> None:
 
     test = report["test"]
     console.print(results_table(test, f"ShapesVQA test exact match ({report['decoder']}, {test['samples']} questions)"))
-    flops, encoder = report["decoder_gflops_per_sample"], report.get("encoder_gflops_per_sample", 0.0)
+    flops, encoder = report["decoder_gflops_per_sample"], report["encoder_gflops_per_sample"]
     table = Table(title=f"Prefill per sample ({report['vision_tokens_per_sample']} vision + "
                         f"{report['text_tokens_per_sample']} text tokens, analytic GFLOPs)")
     for column in ("decoder", "decoder GFLOPs", f"vs {BASELINE}", "+ encoder", f"vs {BASELINE}"):

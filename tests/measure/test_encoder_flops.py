@@ -88,7 +88,7 @@ def test_token_merging_by_hand():
     # layer 2: 7 tokens, 6 mergeable, r = 3; A x B = 4 x 3; MLP on 4
     # layer 3: 4 tokens, 3 mergeable, at most 3 // 2 = 1 merges; A x B = 2 x 2; MLP on 3
     result = encoder_flops(config, merge_per_layer=3)
-    assert result["tokens"] == {"input": 10, "output": 3, "prefix": 1}
+    assert result["tokens"] == {"input": 10, "output": 3, "prefix": 1, "patches": 2}
     assert result["breakdown"] == {
         "patch_embed": 2 * 9 * (3 * 7 * 7) * 8,
         "qkvo": 2 * 4 * (10 + 7 + 4) * 8 * 8,

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
 from leanvlm.decoders.cost import LLMShape, PrefillShape
-from leanvlm.encoder import ENCODER_TYPES
+from leanvlm.encoder import CLS_FIRST, ENCODER_TYPES
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class EncoderShape:
         (height, width), (patch_h, patch_w) = pair(image_size or config.image_size), pair(config.patch_size)
         hidden, mlp_maps = config.hidden_size, 2
         registers = getattr(config, "num_register_tokens", 0) or 0
-        prefix = 0 if config.model_type == "siglip_vision_model" else 1 + registers
+        prefix = int(config.model_type in CLS_FIRST) + registers
         if config.model_type != "dinov2":
             mlp_width = config.intermediate_size
         else:  # DINOv2's width comes from mlp_ratio; its SwiGLU variant, as transformers' Dinov2SwiGLUFFN builds it
@@ -233,8 +233,8 @@ def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_pe
     merged away before the MLP; at most half of the mergeable (non-prefix) tokens, as bipartite matching allows.
     The matching's similarity scores are the breakdown's "merge" part (absent when r = 0).
     image_size: pixels per side the encoder is fed (default: the config's image_size).
-    Returns {"total_flops", "breakdown" (all crops), "per_crop_flops", "tokens": {"input", "output", "prefix"} (per
-    crop), "layers", "crops"}.
+    Returns {"total_flops", "breakdown" (all crops), "per_crop_flops", "tokens": {"input", "output", "prefix",
+    "patches"} (per crop), "layers", "crops"}.
     """
     shape = EncoderShape.from_config(resolve_encoder_config(vision), image_size)
     layers = shape.layers if layers is None else layers
@@ -263,7 +263,8 @@ def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_pe
         "total_flops": per_crop * crops,
         "breakdown": {key: 2 * value * crops for key, value in macs.items()},
         "per_crop_flops": per_crop,
-        "tokens": {"input": first, "output": tokens, "prefix": shape.prefix},
+        # "patches": what the "patch" selection hands the decoder per crop (the prefix dropped)
+        "tokens": {"input": first, "output": tokens, "prefix": shape.prefix, "patches": tokens - shape.prefix},
         "layers": layers,
         "crops": crops,
     }

@@ -21,9 +21,9 @@ def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = 
         if tome_r and DECODERS[name].needs_patch_grid:  # leanvlm refuses that model (LeanVLMConfig)
             continue
         encoder = encoder_cost(name, vision, crops, vision_feature_layer, tome_r, options)
-        left = (encoder["tokens"]["output"] - encoder["tokens"]["prefix"]) * crops  # the "patch" selection
+        left = encoder["tokens"]["patches"] * crops if vision_tokens is None else vision_tokens
         result = decoder_flops(llm, vision, text_tokens, name, crops=crops, convention=convention,
-                               vision_tokens=left if vision_tokens is None else vision_tokens, **options)
+                               vision_tokens=left, **options)
         results[name] = dict(result, encoder=encoder, end_to_end_flops=result["total_flops"] + encoder["total_flops"])
     tokens = results[BASELINE]["tokens"]
     step = decode_flops(llm, tokens["vision"] + tokens["text"], convention)
