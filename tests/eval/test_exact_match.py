@@ -139,7 +139,7 @@ def test_normalisation_and_per_family_accounting(data):
     with_families = [q for q in asked if q.family is not None]
     assert score(with_families, ["x"] * 4)["answer_prior"] == 0.75
     assert result["predictions"][1] == {"id": "turns", "family": "count", "question": "How many circles?",
-                                        "reference": "two", "prediction": "2", "correct": False}
+                                        "reference": "two", "prediction": "2", "correct": False, "score": 0.0}
 
 
 def test_records_that_cannot_be_asked_are_named(data):
@@ -236,3 +236,39 @@ def test_chat_rejects_a_missing_image_or_model(data, model_dir, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert "no.png is not a file" in error(CliRunner().invoke(app, ["chat", "model", "--image", "no.png"]))
     assert "none has no config.json" in error(CliRunner().invoke(app, ["chat", "none", "--image", "a.png"]))
+
+
+def test_vqa_anls_and_multiple_choice_metrics_score_records_by_their_answers_and_options(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    ten = ["2"] * 3 + ["two dogs"] * 7  # VQAv2-style: ten annotators
+    records = [
+        {"id": "v", "image": "a.png", "family": "count", "answers": ten,
+         "conversations": [{"from": "human", "value": "How many dogs?"}, {"from": "gpt", "value": "2"}]},
+        {"id": "o", "image": "a.png", "family": "text", "answers": ["kitten"],
+         "conversations": [{"from": "human", "value": "What does it say?"}, {"from": "gpt", "value": "kitten"}]},
+    ]
+    asked = questions(records, "chat", tokenizer(), str(tmp_path))
+    assert asked[0].references == ten and asked[1].references == ["kitten"]
+    vqa = score(asked, ["Two.", "sitting"], "vqa")
+    # "Two." normalises to "2": 3 agreeing annotators give (3 x 2/3 + 7 x 1) / 10 = 0.9; "sitting" != "kitten": 0
+    assert [p["score"] for p in vqa["predictions"]] == pytest.approx([0.9, 0.0])
+    assert vqa["accuracy"] == pytest.approx(0.45) and vqa["correct"] == pytest.approx(0.9)
+    anls = score(asked, ["Two.", "sitting"], "anls")
+    # "sitting" vs "kitten": 3 edits over 7 characters, 1 - 3/7; "two." vs "2": nothing alike, 0
+    assert [p["score"] for p in anls["predictions"]] == pytest.approx([0.0, 1 - 3 / 7])
+    low, high = anls["ci95"]  # a normal interval around the mean of partial scores, clipped to [0, 1]
+    assert low == 0.0 and anls["accuracy"] < high <= 1.0
+    options = ["red", "blue", "green"]
+    choice = [{"id": i, "image": "a.png", "options": options, "conversations": [
+        {"from": "human", "value": "Which colour? A. red B. blue C. green"}, {"from": "gpt", "value": ref}]}
+        for i, ref in enumerate(["B", "green", "B"])]
+    mc = score(questions(choice, "chat", tokenizer(), str(tmp_path)), ["(B) blue", "C", "blue"],
+               "multiple_choice")
+    assert [p["correct"] for p in mc["predictions"]] == [True, True, True]
+    assert mc["ci95"] == list(wilson_interval(3, 3))
+    assert mc["answer_prior"] == pytest.approx(2 / 3)  # always answering "B", the most common reference
+    with pytest.raises(ValueError, match="has no 'options'"):
+        score(asked, ["a", "b"], "multiple_choice")
+    records[0]["answers"] = "2"
+    with pytest.raises(ValueError, match="'answers' must be a non-empty list of strings"):
+        questions(records, "chat", tokenizer(), str(tmp_path))

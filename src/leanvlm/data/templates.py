@@ -7,10 +7,20 @@
 
 from __future__ import annotations
 
+from leanvlm.config import IMAGE_TOKEN
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES = ("chat", "plain", "vicuna_v1")
+
+
+def with_image_placeholders(texts: list[str], images: int) -> str:
+    """A message given as text parts and a number of images -> one content string: an `<image>` placeholder per
+    image, all before the text and on a line of their own, as leanvlm's training data places them. Chat APIs (the
+    OpenAI protocol, lmms-eval) carry images apart from the text, so this one rule makes them ask what training
+    asked."""
+    return IMAGE_TOKEN * images + ("\n" if images else "") + "\n".join(texts)
 
 
 def to_messages(conversations: list[dict], where: str) -> list[dict]:

@@ -1,5 +1,7 @@
-"""Exact-match evaluation on LLaVA-format questions: each record's last assistant turn is the reference, and the
-model answers the conversation before it, greedily and in batches, with the template it was trained with."""
+"""Evaluation on LLaVA-format questions: each record's last assistant turn is the reference, and the model answers
+the conversation before it, greedily and in batches, with the template it was trained with. Exact match by default;
+VQAv2 soft accuracy and ANLS over a record's `answers`, or multiple choice over its `options` (`leanvlm.eval.
+metrics`)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from rich.table import Table
 
 from leanvlm.config import IMAGE_TOKEN
 from leanvlm.data.llava import record_image_paths, stack_features
-from leanvlm.data.templates import generation_prompt, to_messages
+from leanvlm.data.templates import generation_prompt, to_messages, with_image_placeholders
 from leanvlm.decoders.base import left_pad
+from leanvlm.eval.metrics import BINARY_SCORES, METRICS, SCORES, multiple_choice_accuracy
 from leanvlm.processing import PROCESSOR_FILE
-from leanvlm.stats import accuracy_text, wilson_interval
+from leanvlm.stats import Z95, accuracy_text, wilson_interval
 
 TRAILING_PUNCTUATION = ".,;:!?"
 
@@ -38,11 +41,27 @@ class Question:
     reference: str
     prompt: list[str]
     images: list[str]
+    references: list[str]  # every accepted answer (a record's `answers`, else the reference alone)
+    options: list[str] | None = None  # a multiple-choice record's `options`, lettered A, B, ...
 
 
-def questions(records: list, template: str, tokenizer, image_root: str = ".", source: str = "data") -> list[Question]:
-    """Records -> questions. A record that cannot be asked (no assistant turn, bad roles, images that do not match
-    the placeholders or do not exist) is an error naming it, before any generation starts."""
+@dataclass
+class Conversation:
+    """One record ready to ask, before any template: `messages` are the turns before the last answer (`<image>`
+    placeholders in place), `images` the image paths in placeholder order."""
+
+    id: object
+    family: str | None
+    messages: list[dict]
+    reference: str
+    images: list[str]
+    references: list[str]
+    options: list[str] | None = None
+
+
+def conversations(records: list, image_root: str = ".", source: str = "data") -> list[Conversation]:
+    """Records -> conversations to ask. A record that cannot be asked (no assistant turn, bad roles, images that do
+    not match the placeholders or do not exist) is an error naming it, before any generation starts."""
     asked = []
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
@@ -59,7 +78,8 @@ def questions(records: list, template: str, tokenizer, image_root: str = ".", so
         users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
         if paths and placeholders == 0 and users:  # as in training: images without a placeholder go first
             first = users[0]
-            prompt[first] = {**prompt[first], "content": IMAGE_TOKEN * len(paths) + "\n" + prompt[first]["content"]}
+            prompt[first] = {**prompt[first], "content": with_image_placeholders([prompt[first]["content"]],
+                                                                                  len(paths))}
         elif placeholders != len(paths):
             raise ValueError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholder(s) before the last answer but "
                              f"{len(paths)} image(s).")
@@ -67,9 +87,24 @@ def questions(records: list, template: str, tokenizer, image_root: str = ".", so
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{where}: image {path!r} not found (relative paths start from the image "
                                         f"root {image_root!r}).")
-        question = prompt[users[-1]]["content"].replace(IMAGE_TOKEN, "").strip() if users else ""
-        asked.append(Question(record.get("id"), record.get("family"), question, reference,
-                              generation_prompt(prompt, template, tokenizer), paths))
+        answers, options = record.get("answers"), record.get("options")
+        for field, value in (("answers", answers), ("options", options)):
+            if value is not None and (not isinstance(value, list) or not value
+                                      or not all(isinstance(v, str) for v in value)):
+                raise ValueError(f"{where}: '{field}' must be a non-empty list of strings.")
+        asked.append(Conversation(record.get("id"), record.get("family"), prompt, reference, paths,
+                                  answers or [reference], options))
+    return asked
+
+
+def questions(records: list, template: str, tokenizer, image_root: str = ".", source: str = "data") -> list[Question]:
+    """Records -> questions in the model's `template` (see `conversations` for what makes a record an error)."""
+    asked = []
+    for c in conversations(records, image_root, source):
+        users = [m for m in c.messages if m["role"] == "user"]
+        question = users[-1]["content"].replace(IMAGE_TOKEN, "").strip() if users else ""
+        asked.append(Question(c.id, c.family, question, c.reference,
+                              generation_prompt(c.messages, template, tokenizer), c.images, c.references, c.options))
     return asked
 
 
@@ -89,9 +124,10 @@ def prompt_ids(processor, pieces: list[str]) -> list[int]:
 
 @torch.no_grad()
 def answer(model, processor, prompts: list[list[str]], images: list | None = None, image_context=None,
-           max_new_tokens: int = 16, streamer=None) -> list[str]:
-    """Greedy answers to a batch of prompts, with their images (PIL, in placeholder order) or an `image_context`
-    encoded before. Only the new tokens are decoded; special tokens (end of turn, padding) are dropped."""
+           max_new_tokens: int = 16, streamer=None, **sampling) -> list[str]:
+    """Answers to a batch of prompts, with their images (PIL, in placeholder order) or an `image_context` encoded
+    before; greedy unless `sampling` (`generate`'s do_sample, temperature, top_p, ...) says otherwise. Only the new
+    tokens are decoded; special tokens (end of turn, padding) are dropped."""
     input_ids, attention_mask = encode_prompts(processor, prompts)
     device = model.device
     extra = {"image_context": image_context}
@@ -99,42 +135,74 @@ def answer(model, processor, prompts: list[list[str]], images: list | None = Non
         pixel_values, extra["image_crops"] = processor.preprocess_images(images)
         extra["pixel_values"] = pixel_values.to(device)
     output = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, **extra)
+                            pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer,
+                            **{"do_sample": False, **sampling}, **extra)
     new_tokens = output[:, input_ids.shape[1]:].cpu()
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def answer_prior(references: list[str]) -> float:
-    """The share of the most common reference answer: what always giving one answer can score, seeing neither
-    the image nor the question."""
-    counts = Counter(normalize(r) for r in references)
-    return max(counts.values()) / len(references) if references else 0.0
+def question_score(metric: str, prediction: str, question: Question) -> float:
+    """One answer's score in [0, 1] under `metric` (see `SCORES`)."""
+    if metric == "exact_match":
+        return float(normalize(prediction) == normalize(question.reference))
+    if metric == "multiple_choice":
+        if question.options is None:
+            raise ValueError(f"Record {question.id!r} has no 'options'; multiple_choice needs them.")
+        return multiple_choice_accuracy(prediction, question.options, question.reference)
+    if metric not in METRICS:
+        raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(SCORES)}.")
+    return METRICS[metric](prediction, question.references)
 
 
-def tally(correct: list[bool], references: list[str]) -> dict:
-    """samples, correct, accuracy, its 95% interval (Wilson) and the answer prior of one group of questions."""
-    right = sum(correct)
-    return {"samples": len(correct), "correct": right, "accuracy": right / len(correct) if correct else 0.0,
-            "ci95": list(wilson_interval(right, len(correct))), "answer_prior": answer_prior(references)}
+def answer_prior(metric: str, group: list[Question]) -> float:
+    """What always giving the group's most common reference answer scores, seeing neither the image nor the
+    question (under exact match: the share of the most common reference)."""
+    if not group:
+        return 0.0
+    common, _ = Counter(normalize(q.reference) for q in group).most_common(1)[0]
+    return sum(question_score(metric, common, q) for q in group) / len(group)
 
 
-def score(asked: list[Question], predictions: list[str]) -> dict:
-    """Exact match after `normalize`, overall and per family (records without a family count only overall), each
-    with its 95% interval and answer prior (the overall prior averages the families' priors by their size, or is
-    the overall majority share when no record has a family)."""
-    samples, groups = [], {}
+def mean_interval(scores: list[float], z: float = Z95) -> tuple[float, float]:
+    """The normal 95% interval of a mean of scores in [0, 1], clipped to [0, 1] (for partial-credit metrics, where
+    Wilson's interval for counts does not apply)."""
+    n = len(scores)
+    if n < 2:
+        return 0.0, 1.0
+    mean = sum(scores) / n
+    half = z * (sum((x - mean) ** 2 for x in scores) / (n - 1) / n) ** 0.5
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def tally(metric: str, scores: list[float], group: list[Question]) -> dict:
+    """samples, correct (the summed score), accuracy (the mean score), its 95% interval (Wilson for 0/1 scores,
+    normal otherwise) and the answer prior of one group of questions."""
+    total = sum(scores)
+    binary = metric in BINARY_SCORES
+    interval = wilson_interval(round(total), len(scores)) if binary else mean_interval(scores)
+    return {"samples": len(scores), "correct": round(total) if binary else total,
+            "accuracy": total / len(scores) if scores else 0.0, "ci95": list(interval),
+            "answer_prior": answer_prior(metric, group)}
+
+
+def score(asked: list[Question], predictions: list[str], metric: str = "exact_match") -> dict:
+    """Each answer scored by `metric` (exact match after `normalize` by default), overall and per family (records
+    without a family count only overall), each with its 95% interval and answer prior (the overall prior averages
+    the families' priors by their size, or is the overall one when no record has a family)."""
+    samples, scores, groups = [], [], {}
     for question, prediction in zip(asked, predictions, strict=True):
-        correct = normalize(prediction) == normalize(question.reference)
+        scores.append(question_score(metric, prediction, question))
         samples.append({"id": question.id, "family": question.family, "question": question.question,
-                        "reference": question.reference, "prediction": prediction, "correct": correct})
+                        "reference": question.reference, "prediction": prediction, "correct": scores[-1] == 1.0,
+                        "score": scores[-1]})
         if question.family is not None:
-            groups.setdefault(question.family, []).append(samples[-1])
-    families = {name: tally([s["correct"] for s in group], [s["reference"] for s in group])
+            groups.setdefault(question.family, []).append(len(samples) - 1)
+    families = {name: tally(metric, [scores[i] for i in group], [asked[i] for i in group])
                 for name, group in sorted(groups.items())}
-    overall = tally([s["correct"] for s in samples], [s["reference"] for s in samples])
+    overall = tally(metric, scores, asked)
     if families and len(samples) == sum(f["samples"] for f in families.values()):
         overall["answer_prior"] = sum(f["answer_prior"] * f["samples"] for f in families.values()) / len(samples)
-    return {**overall, "families": families, "predictions": samples}
+    return {**overall, "metric": metric, "families": families, "predictions": samples}
 
 
 def cached_context(model, feature_cache, paths: list[str]):
@@ -145,12 +213,15 @@ def cached_context(model, feature_cache, paths: list[str]):
 
 def evaluate(model, processor, records: list, image_root: str = ".", batch_size: int = 16,
              max_new_tokens: int = 16, progress: bool = True, source: str = "data", console=None,
-             feature_cache=None) -> dict:
-    """Ask every record's last question with `processor.template` and score the answers (see `score`). `source`
+             feature_cache=None, metric: str = "exact_match") -> dict:
+    """Ask every record's last question with `processor.template` and score the answers by `metric` (see
+    `score`). `source`
     names the records in error messages; `console` is where the progress bar draws; with a `feature_cache`
     holding these images' features (`leanvlm.data.features`), the encoder does not run."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if metric not in SCORES:
+        raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(SCORES)}.")
     asked = questions(records, processor.template, processor.tokenizer, image_root, source)
     if not asked:
         raise ValueError(f"{source}: no records to evaluate.")
@@ -171,21 +242,31 @@ def evaluate(model, processor, records: list, image_root: str = ".", batch_size:
                 predictions += answer(model, processor, [q.prompt for q in batch], images,
                                       max_new_tokens=max_new_tokens)
             bar.advance(task)
-    result = score(asked, predictions)
+    result = score(asked, predictions, metric)
     result["template"] = processor.template
     return result
 
 
-def results_table(result: dict, title: str = "Exact match") -> Table:
-    """One row per family, then the overall row: accuracy with its 95% interval, next to the answer prior."""
-    table = Table(title=title)
+METRIC_TITLES = {"exact_match": "Exact match", "vqa": "VQA accuracy", "anls": "ANLS",
+                 "multiple_choice": "Multiple choice"}
+
+
+def results_table(result: dict, title: str | None = None) -> Table:
+    """One row per family, then the overall row: the metric's mean with its 95% interval, next to the answer
+    prior."""
+    metric = result.get("metric", "exact_match")
+    table = Table(title=title or METRIC_TITLES[metric])
     table.add_column("family")
-    for column in ("questions", "correct", "accuracy [95% interval]", "answer prior"):
+    score_column = "accuracy" if metric in BINARY_SCORES else "mean score"
+    for column in ("questions", "correct" if metric in BINARY_SCORES else "score sum", f"{score_column} [95% interval]",
+                   "answer prior"):
         table.add_column(column, justify="right")
     for name, counts in [*result["families"].items(), ("overall", result)]:
-        table.add_row(name, str(counts["samples"]), str(counts["correct"]),
-                      accuracy_text(counts["correct"], counts["samples"]), f"{counts['answer_prior']:.1%}",
-                      style="bold" if name == "overall" else None)
+        low, high = counts["ci95"]
+        table.add_row(name, str(counts["samples"]), f"{counts['correct']:g}",
+                      accuracy_text(counts["correct"], counts["samples"]) if metric in BINARY_SCORES
+                      else f"{counts['accuracy']:.1%} [{100 * low:.1f}, {100 * high:.1f}]",
+                      f"{counts['answer_prior']:.1%}", style="bold" if name == "overall" else None)
     return table
 
 
@@ -205,19 +286,21 @@ def load_model(model_dir: str):
 
 
 def run(model_dir: str, data: str, image_root: str | None = None, batch_size: int = 16, max_new_tokens: int = 16,
-        max_samples: int | None = None, console=None) -> dict:
-    """Exact match of a saved model on the first `max_samples` records of a LLaVA-format file (all by default);
-    relative image paths start from `image_root`, default the file's directory."""
+        max_samples: int | None = None, console=None, metric: str = "exact_match") -> dict:
+    """`metric` scores of a saved model on the first `max_samples` records of a LLaVA-format file (all by
+    default); relative image paths start from `image_root`, default the file's directory."""
     from leanvlm.data.llava import read_records
 
     model, processor = load_model(model_dir)
     records = read_records(data)[:max_samples]
     root = image_root or os.path.dirname(os.path.realpath(data))
-    result = evaluate(model, processor, records, root, batch_size, max_new_tokens, source=data, console=console)
+    result = evaluate(model, processor, records, root, batch_size, max_new_tokens, source=data, console=console,
+                      metric=metric)
     return {"model": model_dir, "data": data, **result}
 
 
 def render(result: dict, console, out: str) -> None:
     """The results table and where the full results went."""
-    console.print(results_table(result, title=f"Exact match: {result['model']} on {result['data']}"))
+    title = f"{METRIC_TITLES[result['metric']]}: {result['model']} on {result['data']}"
+    console.print(results_table(result, title=title))
     console.print(f"wrote {out}")

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from leanvlm.config import IMAGE_TOKEN
+from leanvlm.data.templates import with_image_placeholders
 from leanvlm.inference.engine import ImageInput
 from leanvlm.inference.runner import EngineRunner, QueueFull
 from leanvlm.serve.images import ImageSources, image_bytes
@@ -136,9 +137,7 @@ async def _engine_request(runner: EngineRunner, body: ChatCompletionRequest, max
             raise BadRequest(f"messages.{index}: only user messages may carry images.")
         urls += images
         role = "system" if message.role == "developer" else message.role
-        # images first, as leanvlm's training data places them
-        messages.append({"role": role, "content": IMAGE_TOKEN * len(images) + ("\n" if images else "")
-                         + "\n".join(texts)})
+        messages.append({"role": role, "content": with_image_placeholders(texts, len(images))})
     if messages[-1]["role"] != "user":
         raise BadRequest("The last message must be the user's.")
     if len(urls) > max_images:
