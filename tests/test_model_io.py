@@ -2,10 +2,18 @@
 
 import pytest
 import torch
-from tiny import build, left_padded, pixels, prompt, text_config, vision_config
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPConfig, CLIPModel, CLIPTextConfig
+from PIL import Image
+from tiny import bpe_tokenizer, build, left_padded, pixels, prompt, text_config, vision_config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+)
 
-from leanvlm import LeanVLMForConditionalGeneration
+from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 
 
 def logits(model, images=None):
@@ -24,9 +32,24 @@ def test_safetensors_round_trip_gives_identical_logits(tmp_path, decoder, family
     assert loaded.config.image_token_id == model.config.image_token_id
     assert loaded.config.himix_feature_layers == model.config.himix_feature_layers
     assert torch.equal(logits(loaded), logits(model))
-    auto = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    assert isinstance(auto, LeanVLMForConditionalGeneration)
-    assert torch.equal(logits(auto), logits(model))
+    for auto_class in (AutoModelForImageTextToText, AutoModelForCausalLM):  # registered by `import leanvlm`
+        auto = auto_class.from_pretrained(tmp_path).eval()
+        assert isinstance(auto, LeanVLMForConditionalGeneration)
+        assert torch.equal(logits(auto), logits(model))
+
+
+def test_auto_processor_loads_the_saved_processor(tmp_path):
+    model = build("himix")
+    processor = LeanVLMProcessor.for_model(model, bpe_tokenizer())
+    processor.template = "vicuna_v1"
+    processor.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, LeanVLMProcessor) and loaded.template == "vicuna_v1"
+    image = Image.new("RGB", (20, 30), "red")
+    expected, got = processor("<image>\nWhat color?", [image]), loaded("<image>\nWhat color?", [image])
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_parts_from_local_directories_equal_parts_from_objects(tmp_path):

@@ -195,7 +195,9 @@ class LeanVLMProcessor(ImagePreprocessor):
             json.dump(settings, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, directory: str) -> LeanVLMProcessor:
+    def from_pretrained(cls, directory: str, **_hub_options) -> LeanVLMProcessor:
+        """The processor `save_pretrained` wrote to a local directory. `AutoProcessor` passes its hub options
+        (revision, cache_dir, trust_remote_code, ...), which a local directory does not need."""
         path = os.path.join(directory, PROCESSOR_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {directory!r} holds no saved LeanVLMProcessor.")
