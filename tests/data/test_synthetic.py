@@ -109,6 +109,9 @@ def test_cli_writes_llava_records_captions_and_card(tmp_path):
     assert len(captions) == 14 and captions[0]["conversations"][1]["value"].startswith("The image shows")
     card = (tmp_path / "README.md").read_text()
     assert "| colour | 2 | 1 | 1 |" in card
+    task = [json.loads(line) for line in (tmp_path / "lmms-task" / "docs.jsonl").read_text().splitlines()]
+    assert [doc["id"] for doc in task] == [r["id"] for r in json.loads((tmp_path / "test.json").read_text())]
+    assert (tmp_path / "lmms-task" / "shapesvqa_leanvlm.yaml").is_file()
 
 
 def test_scenes_already_taken_are_drawn_again():
