@@ -13,6 +13,7 @@ import typer
 from leanvlm.config import VISION_FEATURE_SELECTS
 from leanvlm.decoders import BASELINE, DECODERS
 from leanvlm.demo import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
+from leanvlm.eval.lmms_task import TASK
 from leanvlm.eval.metrics import SCORES
 from leanvlm.measure.flops import CONVENTIONS, VISION_PRESETS
 
@@ -303,7 +304,7 @@ def data_synth(
     train: int = typer.Option(10000, min=0, help="Training samples."),
     val: int = typer.Option(500, min=0, help="Validation samples."),
     test: int = typer.Option(1000, min=0, help="Test samples."),
-    seed: int = typer.Option(0, help="Seed: the same seed writes the same bytes."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same images and records."),
     image_size: int = typer.Option(224, min=32, help="Image side in pixels."),
 ) -> None:
     """Generate ShapesVQA: images, LLaVA-format train/val/test JSON, captions, multi-turn conversations, a card and
@@ -320,7 +321,7 @@ def data_synth(
     render_counts(counts, console, str(out))
     if test:  # the test split as an offline lmms-eval task (see `leanvlm data lmms-task`)
         write_task(str(out / "test.json"), str(out / "lmms-task"))
-        console.print(f"lmms-eval task: --tasks shapesvqa_leanvlm --include_path {out / 'lmms-task'}")
+        console.print(f"lmms-eval task: --tasks {TASK} --include_path {out / 'lmms-task'}")
 
 
 @data_app.command("lmms-task")
@@ -328,7 +329,7 @@ def data_synth(
 def data_lmms_task(
     data: Path = typer.Argument(..., help="LLaVA-format JSON/JSONL (e.g. ShapesVQA's test.json)."),
     out: Path = typer.Option(..., help="Task folder to write (pass it to lmms-eval as --include_path)."),
-    name: str = typer.Option("shapesvqa_leanvlm", help="Task name; the multiple-choice task is NAME_mc."),
+    name: str = typer.Option(TASK, help="Task name; the multiple-choice task is NAME_mc."),
     image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
 ) -> None:
     """Write an offline lmms-eval task folder for the records: NAME (generation, exact match per family) and

@@ -14,7 +14,7 @@ from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 from leanvlm.cli import app
 from leanvlm.data.llava import LLaVADataset
 from leanvlm.decoders.base import IGNORE_INDEX
-from leanvlm.eval.exact_match import encode_prompts, evaluate, normalize, questions, score
+from leanvlm.eval.exact_match import check_metric_fields, encode_prompts, evaluate, normalize, questions, score
 from leanvlm.stats import wilson_interval
 
 
@@ -269,6 +269,15 @@ def test_vqa_anls_and_multiple_choice_metrics_score_records_by_their_answers_and
     assert mc["answer_prior"] == pytest.approx(2 / 3)  # always answering "B", the most common reference
     with pytest.raises(ValueError, match="has no 'options'"):
         score(asked, ["a", "b"], "multiple_choice")
-    records[0]["answers"] = "2"
-    with pytest.raises(ValueError, match="'answers' must be a non-empty list of strings"):
-        questions(records, "chat", tokenizer(), str(tmp_path))
+    # what a metric reads is checked before any answer is generated, and only by the metric that reads it
+    records[0]["answers"] = [{"answer": "2"}]
+    check_metric_fields(records, "exact_match")
+    with pytest.raises(ValueError, match=r"record 0 \(id 'v'\): 'answers' must be a non-empty list of strings"):
+        check_metric_fields(records, "vqa")
+    with pytest.raises(ValueError, match="multiple_choice needs 'options'"):
+        check_metric_fields(records, "multiple_choice")
+    choice[0]["conversations"][-1]["value"] = "purple"
+    with pytest.raises(ValueError, match="the reference 'purple' names none"):
+        check_metric_fields(choice, "multiple_choice")
+    with pytest.raises(ValueError, match="Unknown metric 'bleu'"):
+        check_metric_fields(choice, "bleu")

@@ -67,7 +67,7 @@ def lmms_eval(setup, out: str, *args: str) -> tuple[dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def plugin_run(setup):
-    model_args = f"pretrained={setup.root / 'model'},batch_size=4,dtype=float32"
+    model_args = f"pretrained={setup.root / 'model'},batch_size=4,dtype=float32,device=cpu"
     return lmms_eval(setup, "plugin", "--model", "leanvlm", "--model_args", model_args, "--tasks",
                      "shapesvqa_leanvlm")
 
@@ -75,7 +75,8 @@ def plugin_run(setup):
 def test_the_plugin_scores_every_question_as_leanvlm_eval_does(setup, plugin_run):
     results, rows = plugin_run
     model, processor = load_model(str(setup.root / "model"))
-    expected = evaluate(model, processor, setup.records, str(setup.root / "data"), batch_size=5, progress=False)
+    expected = evaluate(model.cpu(), processor, setup.records, str(setup.root / "data"), batch_size=4,
+                        progress=False)
     assert [row["filtered_resps"] for row in rows] == [p["prediction"] for p in expected["predictions"]]
     assert [row["exact_match"] for row in rows] == [float(p["correct"]) for p in expected["predictions"]]
     task = results["shapesvqa_leanvlm"]
@@ -96,9 +97,9 @@ def test_the_plugin_runs_the_packaged_parts_as_leanvlm_eval_does(tmp_path):
     synthesize(str(tmp_path / "data"), 0, 0, 7, seed=4, image_size=96)
     write_task(str(tmp_path / "data" / "test.json"), str(tmp_path / "task"))
     _, rows = lmms_eval(SimpleNamespace(root=tmp_path), "plugin", "--model", "leanvlm", "--model_args",
-                        f"pretrained={tmp_path / 'model'},batch_size=4", "--tasks", "shapesvqa_leanvlm")
+                        f"pretrained={tmp_path / 'model'},batch_size=4,device=cpu", "--tasks", "shapesvqa_leanvlm")
     records = json.loads((tmp_path / "data" / "test.json").read_text())
-    expected = evaluate(model, processor, records, str(tmp_path / "data"), batch_size=7, progress=False)
+    expected = evaluate(model, processor, records, str(tmp_path / "data"), batch_size=4, progress=False)
     assert [row["filtered_resps"] for row in rows] == [p["prediction"] for p in expected["predictions"]]
     assert any(p["prediction"] for p in expected["predictions"]), expected["predictions"]  # not all empty
 
@@ -116,9 +117,10 @@ def test_a_served_model_scores_as_the_plugin_through_lmms_evals_openai_model(set
 
 def test_multiple_choice_ranks_the_choices_by_the_models_own_log_likelihood(setup):
     results, rows = lmms_eval(setup, "mc", "--model", "leanvlm", "--model_args",
-                              f"pretrained={setup.root / 'model'},dtype=float32", "--batch_size", "3",
+                              f"pretrained={setup.root / 'model'},dtype=float32,device=cpu", "--batch_size", "3",
                               "--force_simple", "--tasks", "shapesvqa_leanvlm_mc")
     model, processor = load_model(str(setup.root / "model"))
+    model = model.cpu()
     task = task_docs(setup)
     correct = []
     for row, doc in zip(rows, task, strict=True):
@@ -151,7 +153,7 @@ def continuation_log_prob(model, processor, doc, choice: str) -> float:
 
 def plugin(setup, simple=False):
     cls = LeanVLMSimple if simple else LeanVLM
-    lm = cls.create_from_arg_string(f"pretrained={setup.root / 'model'},batch_size=2", {"batch_size": 1})
+    lm = cls.create_from_arg_string(f"pretrained={setup.root / 'model'},batch_size=2,device=cpu", {"batch_size": 1})
     documents = task_docs(setup)
     lm.task_dict = {"t": {"test": documents}}
     return lm, documents
@@ -193,43 +195,54 @@ def test_records_whose_images_sit_inside_the_text_are_refused_with_the_reason(se
         {"from": "human", "value": "Left: <image> which colour?"}, {"from": "gpt", "value": "red"}]}
     with pytest.raises(ValueError, match=r"record id 'mid'.*images before the text"):
         docs([record], str(tmp_path))
+    record["conversations"][0]["value"] = "<image>"
+    with pytest.raises(ValueError, match=r"record id 'mid': a message holds only <image>"):
+        docs([record], str(tmp_path))
+    record["conversations"][0]["value"] = "<image>\n  Which colour?  "  # text kept as written, spaces included
+    [doc] = docs([record], str(tmp_path))
+    assert chat_conversation(doc_to_messages(doc))[0] == [{"role": "user", "content": "<image>\n  Which colour?  "}]
 
 
 def test_generation_kwargs_stop_strings_and_sampling(setup):
     assert until_first_stop("red\n\nblue. green", ["\n\n"]) == "red"
     assert until_first_stop("red. blue", ".") == "red"
-    assert until_first_stop("red", []) == "red"
+    assert until_first_stop("red", []) == until_first_stop("red \n\n", None) == "red"
     assert sampling_options({"temperature": 0, "max_new_tokens": 5}) == {"max_new_tokens": 5}
-    assert sampling_options({"temperature": 0.7, "top_p": 0.9}) == {
-        "max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    assert sampling_options({"temperature": 0.7, "do_sample": False}) == {"max_new_tokens": 128}
+    assert sampling_options({"temperature": 0.7, "top_p": 0.9, "top_k": 5}) == {
+        "max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5}
     with pytest.raises(ValueError, match="num_beams"):
         sampling_options({"num_beams": 3})
 
 
 def test_multi_round_answers_each_round_as_its_own_chat(setup):
-    """Round 0 asks the document's question; round 1 asks it again with the first answer quoted; then the task
-    says stop. Each round's answer must equal the answer to that round's chat asked alone."""
+    """Sample i runs i + 1 rounds: round 0 asks the document's question, each later round quotes the answers so
+    far; then the task says stop. Each round's answer must equal its chat asked alone, and each round must be
+    handed the answers before it."""
     lm, _ = plugin(setup)
+    seen = []
 
-    def doc_to_messages_rounds(doc, round_idx=None, previous_output=None, previous_round_info=None):
-        first = doc_to_messages(doc)
-        if round_idx is None:
-            return first
-        if round_idx == 1:
-            text = f"You said {previous_output[0]!r}. Again: {first[-1]['content'][-1]['text']}"
-            return [{"role": "user", "content": [{"type": "text", "text": text}]}], False, None, {"round": 1}
-        assert previous_round_info == {"round": 1}
-        return None, True, None, None
+    def rounds_for(i):
+        def doc_to_messages_rounds(doc, round_idx=None, previous_output=None, previous_round_info=None):
+            first = doc_to_messages(doc)
+            if round_idx is None:
+                return first
+            seen.append((i, round_idx, list(previous_output), previous_round_info))
+            if round_idx > i:
+                return None, True, None, None
+            text = f"You said {previous_output!r}. Again: {first[-1]['content'][-1]['text']}"
+            return [{"role": "user", "content": [{"type": "text", "text": text}]}], False, None, {"round": round_idx}
+        return doc_to_messages_rounds
 
     gen = {"max_new_tokens": 4, "temperature": 0, "until": []}
-    requests = [request("", doc_to_messages_rounds, gen, i, "t", "test") for i in range(3)]
-    rounds = lm.generate_until_multi_round(requests)
-    assert [len(r) for r in rounds] == [2, 2, 2]
-    for i, (first, second) in enumerate(rounds):
-        alone = lm.generate_until([request("", doc_to_messages, gen, i, "t", "test")])
-        assert first == alone[0]
-        repeat = lambda doc, first=first: doc_to_messages_rounds(doc, 1, [first], None)[0]  # noqa: E731
-        assert second == lm.generate_until([request("", repeat, gen, i, "t", "test")])[0]
+    rounds = lm.generate_until_multi_round([request("", rounds_for(i), gen, i, "t", "test") for i in range(3)])
+    assert [len(r) for r in rounds] == [1, 2, 3]
+    for i, answers in enumerate(rounds):
+        calls = [(r, previous, info) for j, r, previous, info in seen if j == i]
+        assert calls == [(r, answers[:r], None if r == 1 else {"round": r - 1}) for r in range(1, i + 2)]
+        for r, text in enumerate(answers):
+            alone = (lambda doc, r=r, f=rounds_for(i), a=answers: f(doc, r, a[:r], None)[0]) if r else doc_to_messages
+            assert text == lm.generate_until([request("", alone, gen, i, "t", "test")])[0]
 
 
 def test_loglikelihood_of_the_greedy_answer_is_greedy_and_equals_step_by_step_forwards(setup):
@@ -262,5 +275,9 @@ def test_loglikelihood_of_the_greedy_answer_is_greedy_and_equals_step_by_step_fo
                                request(context, other, to_visual, 1, "t", "test")])
     assert scored[0][1] is True and scored[1][1] is False
     assert scored[0][0] == pytest.approx(log_prob, abs=1e-4)
+    lm.processor.template = "vicuna_v1"  # the answer follows "ASSISTANT:" after a space that BPE merges into it
+    vicuna = lm._answer_ids(messages, "red")
+    assert vicuna == processor.tokenizer(" red", add_special_tokens=False)["input_ids"]
+    assert vicuna != processor.tokenizer("red", add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="--force_simple"):
         plugin(setup)[0].loglikelihood([request(context, continuation, to_visual, 1, "t", "test")])

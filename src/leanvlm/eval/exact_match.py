@@ -18,7 +18,7 @@ from leanvlm.config import IMAGE_TOKEN
 from leanvlm.data.llava import record_image_paths, stack_features
 from leanvlm.data.templates import generation_prompt, to_messages, with_image_placeholders
 from leanvlm.decoders.base import left_pad
-from leanvlm.eval.metrics import BINARY_SCORES, METRICS, SCORES, multiple_choice_accuracy
+from leanvlm.eval.metrics import BINARY_SCORES, METRICS, SCORES, multiple_choice_accuracy, option_letter
 from leanvlm.processing import PROCESSOR_FILE
 from leanvlm.stats import Z95, accuracy_text, wilson_interval
 
@@ -88,13 +88,35 @@ def conversations(records: list, image_root: str = ".", source: str = "data") ->
                 raise FileNotFoundError(f"{where}: image {path!r} not found (relative paths start from the image "
                                         f"root {image_root!r}).")
         answers, options = record.get("answers"), record.get("options")
-        for field, value in (("answers", answers), ("options", options)):
-            if value is not None and (not isinstance(value, list) or not value
-                                      or not all(isinstance(v, str) for v in value)):
-                raise ValueError(f"{where}: '{field}' must be a non-empty list of strings.")
         asked.append(Conversation(record.get("id"), record.get("family"), prompt, reference, paths,
-                                  answers or [reference], options))
+                                  answers if _strings(answers) else [reference],
+                                  options if _strings(options) else None))
     return asked
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def check_metric_fields(records: list, metric: str, source: str = "data") -> None:
+    """Before any generation: every record carries what `metric` reads (`answers` for vqa and anls, `options` and
+    a reference that names one of them for multiple_choice), else an error naming the record."""
+    if metric not in SCORES:
+        raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(SCORES)}.")
+    field = {"vqa": "answers", "anls": "answers", "multiple_choice": "options"}.get(metric)
+    for index, record in enumerate(records):
+        where = f"{source}, record {index} (id {record.get('id')!r})"
+        value = record.get(field) if field else None
+        if field == "answers" and value is not None and not _strings(value):
+            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings (the reference answers).")
+        if field == "options":
+            if not _strings(value):
+                raise ValueError(f"{where}: multiple_choice needs 'options', a non-empty list of strings.")
+            reference = [m for m in to_messages(record["conversations"], where) if m["role"] == "assistant"][-1]
+            reference = reference["content"]
+            if option_letter(reference, value) is None:
+                raise ValueError(f"{where}: the reference {reference!r} names none (or several) of the options "
+                                 f"{value!r}; write a letter or one option's text.")
 
 
 def questions(records: list, template: str, tokenizer, image_root: str = ".", source: str = "data") -> list[Question]:
@@ -160,7 +182,8 @@ def answer_prior(metric: str, group: list[Question]) -> float:
     if not group:
         return 0.0
     common, _ = Counter(normalize(q.reference) for q in group).most_common(1)[0]
-    return sum(question_score(metric, common, q) for q in group) / len(group)
+    answer = next(q.reference for q in group if normalize(q.reference) == common)  # as written, not re-normalised
+    return sum(question_score(metric, answer, q) for q in group) / len(group)
 
 
 def mean_interval(scores: list[float], z: float = Z95) -> tuple[float, float]:
@@ -179,7 +202,9 @@ def tally(metric: str, scores: list[float], group: list[Question]) -> dict:
     normal otherwise) and the answer prior of one group of questions."""
     total = sum(scores)
     binary = metric in BINARY_SCORES
-    interval = wilson_interval(round(total), len(scores)) if binary else mean_interval(scores)
+    # Wilson whenever every score is 0 or 1 (a normal interval collapses to a point when all scores agree)
+    counted = binary or all(x in (0.0, 1.0) for x in scores)
+    interval = wilson_interval(round(total), len(scores)) if counted else mean_interval(scores)
     return {"samples": len(scores), "correct": round(total) if binary else total,
             "accuracy": total / len(scores) if scores else 0.0, "ci95": list(interval),
             "answer_prior": answer_prior(metric, group)}
@@ -215,16 +240,14 @@ def evaluate(model, processor, records: list, image_root: str = ".", batch_size:
              max_new_tokens: int = 16, progress: bool = True, source: str = "data", console=None,
              feature_cache=None, metric: str = "exact_match") -> dict:
     """Ask every record's last question with `processor.template` and score the answers by `metric` (see
-    `score`). `source`
-    names the records in error messages; `console` is where the progress bar draws; with a `feature_cache`
-    holding these images' features (`leanvlm.data.features`), the encoder does not run."""
+    `score`). `source` names the records in error messages; `console` is where the progress bar draws; with a
+    `feature_cache` holding these images' features (`leanvlm.data.features`), the encoder does not run."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if metric not in SCORES:
-        raise ValueError(f"Unknown metric {metric!r}; choose one of {', '.join(SCORES)}.")
     asked = questions(records, processor.template, processor.tokenizer, image_root, source)
     if not asked:
         raise ValueError(f"{source}: no records to evaluate.")
+    check_metric_fields(records, metric, source)
     predictions = []
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
                TimeRemainingColumn())
@@ -263,7 +286,8 @@ def results_table(result: dict, title: str | None = None) -> Table:
         table.add_column(column, justify="right")
     for name, counts in [*result["families"].items(), ("overall", result)]:
         low, high = counts["ci95"]
-        table.add_row(name, str(counts["samples"]), f"{counts['correct']:g}",
+        table.add_row(name, str(counts["samples"]),
+                      str(counts["correct"]) if metric in BINARY_SCORES else f"{counts['correct']:.2f}",
                       accuracy_text(counts["correct"], counts["samples"]) if metric in BINARY_SCORES
                       else f"{counts['accuracy']:.1%} [{100 * low:.1f}, {100 * high:.1f}]",
                       f"{counts['answer_prior']:.1%}", style="bold" if name == "overall" else None)

@@ -20,6 +20,7 @@ import os
 import re
 
 from leanvlm.config import IMAGE_TOKEN
+from leanvlm.data.llava import read_records
 from leanvlm.data.templates import with_image_placeholders
 from leanvlm.eval.exact_match import conversations, normalize
 
@@ -46,9 +47,9 @@ def metric_name(family: str) -> str:
 
 def docs(records: list, image_root: str, source: str = "data") -> list[dict]:
     """Records -> lmms-eval documents: the conversation before the last answer (JSON text, so every document has
-    one schema), absolute image paths, the reference, the family and its answer choices. A record whose images do
-    not all come before the text of their message is an error: chat tasks carry images apart from the text, and
-    leanvlm puts them back first, so lmms-eval would ask it something other than `leanvlm eval` does."""
+    one schema), absolute image paths, the reference, the family and its answer choices. A message whose images
+    are not all at its start, on a line of their own before its text, is an error: chat tasks carry images apart
+    from the text and leanvlm puts them back there, so lmms-eval would ask something other than `leanvlm eval`."""
     asked = conversations(records, image_root, source)
     choices: dict[str, set] = {}
     for c in asked:
@@ -57,7 +58,11 @@ def docs(records: list, image_root: str, source: str = "data") -> list[dict]:
     for c in asked:
         for message in c.messages:
             text, images = split_placeholders(message["content"])
-            if with_image_placeholders([text] if text else [], images) != message["content"]:
+            if images and text is None:
+                raise ValueError(f"{source}, record id {c.id!r}: a message holds only {IMAGE_TOKEN} "
+                                 f"({message['content']!r}); chat harnesses send a text with every message, so add "
+                                 "the question after a new line.")
+            if with_image_placeholders([text], images) != message["content"]:
                 raise ValueError(f"{source}, record id {c.id!r}: its {IMAGE_TOKEN} placeholders are not all at the "
                                  f"start of the message followed by a new line ({message['content']!r}); chat "
                                  "harnesses place images before the text, so write the record that way.")
@@ -67,16 +72,24 @@ def docs(records: list, image_root: str, source: str = "data") -> list[dict]:
     return written
 
 
-def split_placeholders(content: str) -> tuple[str, int]:
-    """A message's text without its `<image>` placeholders, and how many there were."""
-    return content.replace(IMAGE_TOKEN, "").strip(), content.count(IMAGE_TOKEN)
+def split_placeholders(content: str) -> tuple[str | None, int]:
+    """A message's text after its leading `<image>` placeholders and the new line that follows them, and how many
+    placeholders the message holds; None as the text when the message is placeholders alone."""
+    count = content.count(IMAGE_TOKEN)
+    if not count:
+        return content, 0
+    rest = content[len(IMAGE_TOKEN * count):] if content.startswith(IMAGE_TOKEN * count) else content
+    if rest == "":
+        return None, count
+    return (rest[1:] if rest.startswith("\n") else rest), count
 
 
 def write_task(data: str, out: str, image_root: str | None = None, name: str = TASK) -> list[str]:
     """Write the task folder for the LLaVA-format file `data` (relative image paths start from `image_root`,
     default the file's directory); returns the paths written."""
-    from leanvlm.data.llava import read_records
-
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"Task name {name!r}: use letters, digits, '_', '-' and '.' only (it names files and the "
+                         "task in lmms-eval).")
     root = image_root or os.path.dirname(os.path.realpath(data))
     documents = docs(read_records(data), root, data)
     if not documents:
@@ -89,6 +102,9 @@ def write_task(data: str, out: str, image_root: str | None = None, name: str = T
     with open(paths["utils"], "w") as f:
         f.write(UTILS)
     families = sorted({doc["family"] for doc in documents} - {""})
+    names = [metric_name(f) for f in families]
+    if len(set(names)) < len(names):
+        raise ValueError(f"Families {families} give clashing metric names {names}; rename the families.")
     source = _dataset_lines(os.path.abspath(paths["docs"]))
     with open(paths["generation"], "w") as f:
         f.write(_generation_yaml(name, source, families))
@@ -141,8 +157,7 @@ def doc_to_messages(doc: dict) -> list[dict]:
     for message in json.loads(doc["messages"]):
         text, count = split_placeholders(message["content"])
         parts = [{"type": "image", "url": next(images)} for _ in range(count)]
-        if text:
-            parts.append({"type": "text", "text": text})
+        parts.append({"type": "text", "text": text})
         messages.append({"role": message["role"], "content": parts})
     return messages
 
@@ -161,7 +176,7 @@ def doc_to_visual(doc: dict) -> list:
 def doc_to_text(doc: dict) -> str:
     """The last question's text (the simple route asks it alone, without earlier turns)."""
     users = [m for m in json.loads(doc["messages"]) if m["role"] == "user"]
-    return split_placeholders(users[-1]["content"])[0] if users else ""
+    return (split_placeholders(users[-1]["content"])[0] or "") if users else ""
 
 
 def doc_to_choice(doc: dict) -> list[str]:
