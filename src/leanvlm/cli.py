@@ -461,6 +461,24 @@ def eval_command(
 
 @app.command()
 @user_errors()
+def export(
+    model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor."),
+    out: Path = typer.Argument(..., help="Directory for the exported checkpoint and processor."),
+    to: str = typer.Option(..., help="Target layout: llava (Hugging Face LlavaForConditionalGeneration).",
+                           **one_of(("llava",))),
+) -> None:
+    """Write a saved model in another project's layout. --to llava: a single-crop vanilla model as a Hugging Face
+    Llava checkpoint + LlavaProcessor (with the chat template) that plain transformers loads with equal logits."""
+    from rich.console import Console
+
+    from leanvlm.interop.llava import export as export_llava
+
+    files = export_llava(str(model_dir), str(out))
+    Console().print(f"wrote {len(files)} files to {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
+
+
+@app.command()
+@user_errors()
 def serve(
     model_dir: Path = typer.Argument(..., help="A saved leanvlm model with its processor."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default: other machines cannot reach "

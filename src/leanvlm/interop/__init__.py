@@ -1,0 +1,1 @@
+"""Checkpoints in other projects' layouts: export to Hugging Face Llava."""
