@@ -193,3 +193,20 @@ def test_training_loss_scores_only_labelled_positions_and_can_skip_logits():
     # layout: 5, 16 vision tokens, 7, 8, 9 -> the last vision token predicts 7, then 7 -> 8, 8 -> 9
     expected = torch.nn.functional.cross_entropy(full.logits[0, 16:19].float(), torch.tensor([7, 8, 9]))
     torch.testing.assert_close(full.loss, expected)
+
+
+def test_a_truncated_weight_file_or_broken_processor_file_is_named(tmp_path):
+    from leanvlm.eval.exact_match import load_model
+
+    model = build("vanilla")
+    model.save_pretrained(tmp_path)
+    LeanVLMProcessor.for_model(model, bpe_tokenizer()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt"):
+        LeanVLMForConditionalGeneration.from_pretrained(tmp_path)
+    weights.write_bytes(whole)
+    (tmp_path / "leanvlm_processor.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"leanvlm_processor\.json is not valid JSON"):
+        load_model(str(tmp_path))

@@ -71,6 +71,8 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            check_weight_files(str(pretrained_model_name_or_path))
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # transformers reads generation_config.json only for GenerationMixin models; read it here.
         if os.path.isfile(os.path.join(str(pretrained_model_name_or_path), GENERATION_CONFIG_NAME)):
@@ -453,6 +455,22 @@ def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor, logits_t
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}.")
     if logits_to_keep:
         raise ValueError("labels need logits for every position; do not combine them with logits_to_keep.")
+
+
+def check_weight_files(directory: str) -> None:
+    """Every safetensors file in `directory` has a readable header that covers the whole file; a truncated or
+    corrupt one is an error naming it (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(f"{path} is truncated or corrupt ({exc}); save the model again or restore the "
+                                 "file.") from exc
 
 
 def _existing_dir(path, what: str) -> str:

@@ -202,7 +202,10 @@ class LeanVLMProcessor(ImagePreprocessor):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {directory!r} holds no saved LeanVLMProcessor.")
         with open(path) as f:
-            settings = json.load(f)
+            try:
+                settings = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); save the processor again.") from exc
         processor = cls(
             AutoTokenizer.from_pretrained(directory),
             AutoImageProcessor.from_pretrained(directory),

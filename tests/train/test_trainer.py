@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,81 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(parts):
     assert step_loss == pytest.approx(loss.item(), abs=1e-5)
     for name, grad in expected.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4)
+
+
+class Payload:
+    """Unpickling this would create `marker`: what a checkpoint from an untrusted source could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_corrupt_or_unsafe_checkpoint_is_refused_naming_the_file_and_runs_nothing(parts, tmp_path):
+    import pickle
+
+    out = tmp_path / "run"
+    Trainer(recipe_from_dict(recipe_dict(parts, out)), progress=False).run()
+    [*_, last] = sorted((out / "checkpoints").iterdir())
+    rng = last / "random_states_0.pkl"
+    good = rng.read_bytes()
+    marker = tmp_path / "code-ran"
+    rng.write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    with pytest.raises(ValueError, match=r"random_states_0\.pkl cannot be loaded safely"):
+        Trainer(recipe_from_dict(recipe_dict(parts, out)), progress=False).run(resume=str(last))
+    assert not marker.exists()
+    rng.write_bytes(good)
+    weights_file = last / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt"):
+        Trainer(recipe_from_dict(recipe_dict(parts, out)), progress=False).run(resume=str(last))
+
+
+KILLED_DRIVER = """
+import json, sys, time
+import accelerate
+from leanvlm.train.recipe import recipe_from_dict
+from leanvlm.train.trainer import Trainer
+
+recipe, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+save_state = accelerate.Accelerator.save_state
+
+def save_then_hang(self, output_dir=None, **kwargs):
+    result = save_state(self, output_dir, **kwargs)
+    if str(output_dir).endswith(f"step-{kill_at:07d}.tmp"):  # written, not yet renamed into place
+        print("WRITING", flush=True)
+        time.sleep(600)
+    return result
+
+accelerate.Accelerator.save_state = save_then_hang
+Trainer(recipe_from_dict(recipe), progress=False).run()
+"""
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(parts, tmp_path):
+    """SIGKILL while checkpoint 4 is being written (its files on disk, the directory not yet renamed): the resumed
+    run starts from checkpoint 3 and reproduces the uninterrupted run's losses and weights."""
+    import signal
+
+    Trainer(recipe_from_dict(recipe_dict(parts, tmp_path / "full")), progress=False).run()
+    out = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, json.dumps(recipe_dict(parts, out)), "4"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "WRITING"
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait(timeout=60)
+    assert (out / "checkpoints" / ".step-0000004.tmp").is_dir()  # the half-done checkpoint is left behind
+    complete = Trainer(recipe_from_dict(recipe_dict(parts, out)), progress=False).checkpoints()
+    assert [Path(p).name for p in complete] == ["step-0000001", "step-0000002", "step-0000003"]
+    Trainer(recipe_from_dict(recipe_dict(parts, out)), progress=False).run(resume=True)
+    expected, resumed = log_of(tmp_path / "full"), log_of(out)
+    assert [e["global_step"] for e in resumed] == [e["global_step"] for e in expected]
+    for got, want in zip(resumed, expected, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+    for key, value in weights(tmp_path / "full").items():
+        torch.testing.assert_close(weights(out)[key], value, atol=1e-6, rtol=0)

@@ -23,6 +23,7 @@ from accelerate.utils import send_to_device
 
 from leanvlm.data.llava import Collator, LLaVADataset, data_image_paths
 from leanvlm.decoders.base import IGNORE_INDEX
+from leanvlm.modeling import check_weight_files
 from leanvlm.train.recipe import NEW, Recipe, StageSpec, recipe_to_dict
 
 STATE_FILE = "trainer_state.json"
@@ -190,6 +191,23 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float
         accelerator.backward(loss * (count * accelerator.num_processes / total))
         loss_sum += loss.detach().float() * count
     return float(accelerator.reduce(loss_sum, reduction="sum") / total)
+
+
+def check_checkpoint_files(checkpoint: str) -> None:
+    """Before resuming: every weight file reads, and every pickled state (optimizer, scheduler, RNG) loads the way
+    accelerate loads it, with `weights_only=True`, so no code in it runs; a truncated, corrupt or unsafe file is an
+    error that names it."""
+    from accelerate.utils import load
+
+    check_weight_files(checkpoint)
+    for name in sorted(os.listdir(checkpoint)):
+        if name.endswith((".bin", ".pkl", ".pt")):
+            path = os.path.join(checkpoint, name)
+            try:
+                load(path, map_location="cpu")
+            except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+                raise ValueError(f"{path} cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]}); resume "
+                                 "from another checkpoint or restore the file.") from exc
 
 
 class Trainer:
@@ -468,6 +486,7 @@ class Trainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(stage.warmup_ratio * steps), steps)
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if checkpoint is not None:
+            check_checkpoint_files(checkpoint)
             accelerator.load_state(checkpoint)
         lengths = dataset.lengths() if stage.group_by_length else None
         order = sample_order(len(dataset), steps * stage.batch_size * stage.grad_accum, recipe.seed, index, lengths,
