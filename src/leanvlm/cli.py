@@ -477,6 +477,26 @@ def export(
     Console().print(f"wrote {len(files)} files to {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
 
 
+@app.command("import")
+@user_errors()
+def import_command(
+    src: Path = typer.Argument(..., help="The released checkpoint directory."),
+    out: Path = typer.Argument(..., help="Directory for the leanvlm model and processor."),
+    source: str = typer.Option(..., "--from", help="Layout of SRC: himix (the released HiMix code's TinyLLaVA "
+                               "layout).", **one_of(("himix",))),
+) -> None:
+    """Convert a checkpoint saved by a paper's released code into a leanvlm model (key names from a table; any key
+    it does not map, or that is missing, is an error naming it)."""
+    from rich.console import Console
+
+    from leanvlm.interop.himix import import_himix
+
+    report = import_himix(str(src), str(out))
+    Console().print(f"imported a HiMix model with {report['layers']} vision K/V layers: vision_feature_layer="
+                    f"{report['vision_feature_layer']}, vision_feature_select={report['vision_feature_select']!r} "
+                    f"(the released token selection), template {report['template']!r}; wrote {out}")
+
+
 @app.command()
 @user_errors()
 def serve(

@@ -1,1 +1,1 @@
-"""Checkpoints in other projects' layouts: export to Hugging Face Llava."""
+"""Checkpoints in other projects' layouts: export to Hugging Face Llava, import of the released HiMix code's."""
