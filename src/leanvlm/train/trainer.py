@@ -193,6 +193,18 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float
     return float(accelerator.reduce(loss_sum, reduction="sum") / total)
 
 
+def full_state_dict(model) -> dict:
+    """The model's whole state dict, also when FSDP2 has sharded its parameters into DTensors: then every process
+    must call this (the shards are gathered, onto the CPU); otherwise it is the plain `state_dict()`."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def check_checkpoint_files(checkpoint: str) -> None:
     """Before resuming: every weight file reads, and every pickled state (optimizer, scheduler, RNG) loads the way
     accelerate loads it, with `weights_only=True`, so no code in it runs; a truncated, corrupt or unsafe file is an
@@ -386,8 +398,9 @@ class Trainer:
                 start.step if resume_here else 0)
             summary["stages"].append(stage_summary)
         summary["model"] = final = os.path.join(recipe.output_dir, "model")
+        state = full_state_dict(model)  # on every process: FSDP2 shards are gathered here
         if accelerator.is_main_process:
-            model.save_pretrained(final)
+            model.save_pretrained(final, state_dict=state)
             processor.save_pretrained(final)
             with open(os.path.join(recipe.output_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
