@@ -483,18 +483,33 @@ def import_command(
     src: Path = typer.Argument(..., help="The released checkpoint directory."),
     out: Path = typer.Argument(..., help="Directory for the leanvlm model and processor."),
     source: str = typer.Option(..., "--from", help="Layout of SRC: himix (the released HiMix code's TinyLLaVA "
-                               "layout).", **one_of(("himix",))),
+                               "layout) or proxyv (the released ProxyV code's LLaVA-NeXT layout).",
+                               **one_of(("himix", "proxyv"))),
+    vision_config: Path = typer.Option(None, help="proxyv: the encoder's config (a local model directory or its "
+                                       "config.json); the checkpoint names it only by its hub id."),
 ) -> None:
     """Convert a checkpoint saved by a paper's released code into a leanvlm model (key names from a table; any key
     it does not map, or that is missing, is an error naming it)."""
     from rich.console import Console
 
-    from leanvlm.interop.himix import import_himix
+    console = Console()
+    if source == "himix":
+        from leanvlm.interop.himix import import_himix
 
-    report = import_himix(str(src), str(out))
-    Console().print(f"imported a HiMix model with {report['layers']} vision K/V layers: vision_feature_layer="
-                    f"{report['vision_feature_layer']}, vision_feature_select={report['vision_feature_select']!r} "
-                    f"(the released token selection), template {report['template']!r}; wrote {out}")
+        report = import_himix(str(src), str(out))
+        console.print(f"imported a HiMix model with {report['layers']} vision K/V layers")
+    else:
+        from leanvlm.interop.proxyv import import_proxyv
+
+        report = import_proxyv(str(src), str(out), str(vision_config) if vision_config else None)
+        console.print(f"imported a ProxyV model: start layer {report['proxyv_start_layer']}, reduce factor "
+                      f"{report['proxyv_reduce_factor']}, {report['proxyv_proxy_init']} proxies, max_crops "
+                      f"{report['max_crops']}")
+    console.print(f"vision_feature_layer={report['vision_feature_layer']}, vision_feature_select="
+                  f"{report['vision_feature_select']!r} (the released token selection), template "
+                  f"{report['template']!r}; wrote {out}")
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
 
 
 @app.command()

@@ -1,1 +1,2 @@
-"""Checkpoints in other projects' layouts: export to Hugging Face Llava, import of the released HiMix code's."""
+"""Checkpoints in other projects' layouts: export to Hugging Face Llava; import of what the released HiMix and
+ProxyV code saves."""

@@ -13,11 +13,9 @@ every key they need but the checkpoint lacks, is an error that names it.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
-import torch
+from leanvlm.interop.checkpoints import build_part, load_strict, read_json, read_weights, rename, save_imported
 
 # A released LLM key of decoder layer n -> the key in leanvlm's HiMix decoder (`model.decoder`).
 LAYER_KEYS = {
@@ -29,46 +27,6 @@ LAYER_KEYS = {
 WHOLE_PREFIXES = {"language_model.": "language", "vision_tower._vision_tower.": "vision"}
 # TinyLLaVA's token selection -> leanvlm's: its "patch" drops token 0 (728 of SigLIP-384's 729 tokens).
 SELECT = {"patch": "drop_first", "cls_patch": "full"}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{path} not found: not a checkpoint of the released HiMix code.") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}).") from exc
-
-
-def read_weights(directory: str) -> dict[str, torch.Tensor]:
-    """A directory's state dict: model.safetensors or pytorch_model.bin, or their sharded index. Pickles load with
-    weights_only=True, so a checkpoint cannot run code."""
-    from safetensors.torch import load_file
-
-    files = []
-    for name in WEIGHT_FILES:
-        if os.path.isfile(os.path.join(directory, name)):
-            files = [name]
-            break
-        index = os.path.join(directory, name + ".index.json")
-        if os.path.isfile(index):
-            files = sorted(set(read_json(index)["weight_map"].values()))
-            break
-    if not files:
-        raise FileNotFoundError(f"{directory} holds no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index).")
-    state = {}
-    for name in files:
-        path = os.path.join(directory, name)
-        try:
-            if name.endswith(".safetensors"):
-                state.update(load_file(path))
-            else:
-                state.update(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as exc:  # truncated, corrupt, or a pickle that is more than tensors
-            raise ValueError(f"{path} cannot be read safely ({type(exc).__name__}: {str(exc)[:200]}).") from exc
-    return state
 
 
 def read_checkpoint(src: str) -> tuple[dict, dict, dict, dict, dict]:
@@ -92,54 +50,15 @@ def read_checkpoint(src: str) -> tuple[dict, dict, dict, dict, dict]:
     return parts["language"], parts["vision"], top["text_config"], top["vision_config"], top
 
 
-def split_layer_keys(llm_state: dict) -> tuple[dict, dict]:
-    """The LLM's own keys, and the HiMix decoder's keys renamed by `LAYER_KEYS`."""
-    plain, decoder = {}, {}
-    for key, value in llm_state.items():
-        for pattern, target in LAYER_KEYS.items():
-            match = re.fullmatch(pattern, key)
-            if match:
-                decoder[target.format(*match.groups())] = value
-                break
-        else:
-            plain[key] = value
-    return plain, decoder
-
-
-def load_strict(module, state: dict, what: str, allowed_missing: tuple[str, ...] = ()) -> None:
-    """Load `state` into `module`; missing or unexpected keys are an error naming them."""
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in allowed_missing]
-    for problem, keys in (("lacks", missing), ("has keys leanvlm does not map", result.unexpected_keys)):
-        if keys:
-            shown = ", ".join(sorted(keys)[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            raise ValueError(f"The checkpoint's {what} {problem}: {shown}.")
-
-
-def build_part(config: dict, causal_lm: bool):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    config = dict(config)
-    model_type = config.pop("model_type", None)
-    if model_type is None:
-        raise ValueError("A part's config has no model_type.")
-    part = AutoConfig.for_model(model_type, **config)
-    if causal_lm:
-        return AutoModelForCausalLM.from_config(part)
-    # a two-tower config (SigLIP, CLIP) saved for the vision tower: its vision half
-    return AutoModel.from_config(getattr(part, "vision_config", None) or part)
-
-
 def import_himix(src: str, out: str) -> dict:
     """Convert the released HiMix checkpoint in `src` into a saved leanvlm model + processor in `out`; returns what
     was set and the files written."""
     from transformers import AutoTokenizer
 
     from leanvlm.modeling import LeanVLMForConditionalGeneration
-    from leanvlm.processing import LeanVLMProcessor, default_image_processor
 
     llm_state, vision_state, text_config, vision_config, top = read_checkpoint(src)
-    plain, decoder_state = split_layer_keys(llm_state)
+    plain, decoder_state = rename(llm_state, LAYER_KEYS)
     if not decoder_state:
         raise ValueError(f"{src}: no layer has input_layernorm_img / k_proj_img / v_proj_img; this is not a HiMix "
                          "checkpoint.")
@@ -157,16 +76,6 @@ def import_himix(src: str, out: str) -> dict:
     settings = {"vision_feature_layer": top.get("vision_feature_layer", -2), "vision_feature_select": SELECT[select]}
     model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder="himix", tokenizer=tokenizer, **settings)
     load_strict(model.decoder, decoder_state, "HiMix vision K/V layers")
-    vision_dir = os.path.join(src, "vision_tower")
-    if os.path.isfile(os.path.join(vision_dir, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-
-        image_processor = AutoImageProcessor.from_pretrained(vision_dir)
-    else:
-        image_processor = default_image_processor(model.config.vision_config)
-    processor = LeanVLMProcessor.for_model(model, tokenizer, image_processor)
-    processor.template = "chat" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return {**settings, "template": processor.template, "layers": len(model.decoder.vision_kv),
+    template = save_imported(model, tokenizer, os.path.join(src, "vision_tower"), out)
+    return {**settings, "template": template, "layers": len(model.decoder.vision_kv),
             "files": sorted(os.listdir(out))}

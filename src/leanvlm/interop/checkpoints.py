@@ -1,0 +1,113 @@
+"""Reading other projects' checkpoints: JSON configs, weights (safetensors, or pickles with weights_only=True,
+sharded or not), renaming keys by a table, strict loading that names every unmapped or missing key, and Hugging Face
+parts built from a saved config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path} not found: not the checkpoint expected.") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}).") from exc
+
+
+def read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """A directory's state dict: model.safetensors or pytorch_model.bin, or their sharded index. Pickles load with
+    weights_only=True, so a checkpoint cannot run code."""
+    from safetensors.torch import load_file
+
+    files = []
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            files = [name]
+            break
+        index = os.path.join(directory, name + ".index.json")
+        if os.path.isfile(index):
+            files = sorted(set(read_json(index)["weight_map"].values()))
+            break
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index).")
+    state = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        try:
+            if name.endswith(".safetensors"):
+                state.update(load_file(path))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # truncated, corrupt, or a pickle that is more than tensors
+            raise ValueError(f"{path} cannot be read safely ({type(exc).__name__}: {str(exc)[:200]}).") from exc
+    return state
+
+
+def load_strict(module, state: dict, what: str, allowed_missing: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`; missing or unexpected keys are an error naming them."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ: say which, from torch's own message
+        raise ValueError(f"The checkpoint's {what} do not fit leanvlm's: {str(exc)[:600]}") from exc
+    missing = [k for k in result.missing_keys if k not in allowed_missing]
+    for problem, keys in (("lacks", missing), ("has keys leanvlm does not map", result.unexpected_keys)):
+        if keys:
+            shown = ", ".join(sorted(keys)[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise ValueError(f"The checkpoint's {what} {problem}: {shown}.")
+
+
+def build_part(config: dict, causal_lm: bool):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("A part's config has no model_type.")
+    part = AutoConfig.for_model(model_type, **config)
+    if causal_lm:
+        return AutoModelForCausalLM.from_config(part)
+    # a two-tower config (SigLIP, CLIP) saved for the vision tower: its vision half
+    return AutoModel.from_config(getattr(part, "vision_config", None) or part)
+
+
+def rename(state: dict, table: dict[str, str]) -> tuple[dict, dict]:
+    """(keys no pattern of `table` matches, keys that match renamed by their pattern's target). The table maps a
+    regular expression over the whole key to a target whose {0}, {1}, ... are its groups."""
+    rest, renamed = {}, {}
+    for key, value in state.items():
+        for pattern, target in table.items():
+            match = re.fullmatch(pattern, key)
+            if match:
+                renamed[target.format(*match.groups())] = value
+                break
+        else:
+            rest[key] = value
+    return rest, renamed
+
+
+def save_imported(model, tokenizer, image_processor_dir: str | None, out: str) -> str:
+    """Save an imported model with its processor: the encoder's own preprocessing when `image_processor_dir` holds
+    one, else the default for its config; the tokenizer's chat template when it has one, else vicuna_v1 (released
+    checkpoints do not store their conversation template). Returns the template set."""
+    from leanvlm.processing import LeanVLMProcessor, default_image_processor
+
+    if image_processor_dir and os.path.isfile(os.path.join(image_processor_dir, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(image_processor_dir)
+    else:
+        image_processor = default_image_processor(model.config.vision_config)
+    processor = LeanVLMProcessor.for_model(model, tokenizer, image_processor)
+    processor.template = "chat" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return processor.template
