@@ -216,7 +216,12 @@ def check_checkpoint_files(checkpoint: str) -> None:
         if name.endswith((".bin", ".pkl", ".pt")):
             path = os.path.join(checkpoint, name)
             try:
-                load(path, map_location="cpu")
+                try:  # memory-mapped: the check reads the pickle, not a large optimizer state's tensors
+                    load(path, map_location="cpu", mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    load(path, map_location="cpu")  # a file in torch's legacy format cannot be mapped
             except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
                 raise ValueError(f"{path} cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]}); resume "
                                  "from another checkpoint or restore the file.") from exc
