@@ -73,6 +73,8 @@ def test_plain_transformers_runs_the_export_with_leanvlms_prompts_logits_and_ans
     ("vanilla", {"max_crops": 3}, "chat", "the layouts differ"),
     ("vanilla", {"connector_type": "linear"}, "chat", "Llava's projector is the 2-layer MLP"),
     ("vanilla", {"probe_skip_vision_ffn_from_layer": 1}, "chat", "Llava has no redundancy probes"),
+    ("vanilla", {"tome_r": 2}, "chat", "Llava runs the encoder without token merging"),
+    ("vanilla", {"image_newline": True}, "chat", "no newline embedding after a single-crop image"),
     ("vanilla", {}, "vicuna_v1", "trained with the 'vicuna_v1' template"),
 ])
 def test_what_llava_cannot_represent_is_refused_with_the_reason_and_nothing_written(tmp_path, decoder, options,

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,13 +267,13 @@ import accelerate
 from leanvlm.train.recipe import recipe_from_dict
 from leanvlm.train.trainer import Trainer
 
-recipe, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+recipe, kill_at, marker = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 save_state = accelerate.Accelerator.save_state
 
 def save_then_hang(self, output_dir=None, **kwargs):
     result = save_state(self, output_dir, **kwargs)
     if str(output_dir).endswith(f"step-{kill_at:07d}.tmp"):  # written, not yet renamed into place
-        print("WRITING", flush=True)
+        open(marker, "w").close()
         time.sleep(600)
     return result
 
@@ -288,10 +289,15 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_
 
     Trainer(recipe_from_dict(recipe_dict(parts, tmp_path / "full")), progress=False).run()
     out = tmp_path / "killed"
-    driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, json.dumps(recipe_dict(parts, out)), "4"],
-                              stdout=subprocess.PIPE, text=True)
+    marker = tmp_path / "writing-checkpoint-4"
+    driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, json.dumps(recipe_dict(parts, out)), "4",
+                               str(marker)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert driver.stdout.readline().strip() == "WRITING"
+        deadline = time.monotonic() + 300
+        while not marker.exists():  # the driver signals the chosen point with a file
+            assert driver.poll() is None, "the training run ended before checkpoint 4"
+            assert time.monotonic() < deadline, "the training run never reached checkpoint 4"
+            time.sleep(0.05)
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.kill()

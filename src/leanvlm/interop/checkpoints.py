@@ -48,7 +48,8 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
             else:
                 state.update(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:  # truncated, corrupt, or a pickle that is more than tensors
-            raise ValueError(f"{path} cannot be read safely ({type(exc).__name__}: {str(exc)[:200]}).") from exc
+            raise ValueError(f"{path} cannot be read safely ({type(exc).__name__}: {str(exc)[:200]}); save it again "
+                             "as safetensors or as a plain dict of tensors.") from exc
     return state
 
 

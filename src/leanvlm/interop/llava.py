@@ -43,13 +43,13 @@ def select_strategy(config) -> str:
     all), or a ValueError when Llava has no equivalent."""
     vision_type = config.vision_config.model_type
     select = config.vision_feature_select
+    if vision_type not in ENCODER_TYPES:  # Llava's processor counts prefix tokens only for these
+        raise ValueError(f"a {vision_type} encoder: export supports SigLIP, CLIP and DINOv2, whose prefix tokens "
+                         "(none, or one CLS) Llava's processor counts.")
     if select == "drop_first":
         return "default"
     if select == "full":
         return "full"
-    if vision_type not in ENCODER_TYPES:  # "patch" on an encoder with registers drops more than one token
-        raise ValueError(f"vision_feature_select='patch' on a {vision_type} encoder drops its prefix tokens, which "
-                         "Llava's 'default' (token 0 only) does not; export supports SigLIP, CLIP and DINOv2.")
     return "default" if vision_type in CLS_FIRST else "full"
 
 

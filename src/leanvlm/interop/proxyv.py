@@ -50,7 +50,8 @@ def text_config_of(config: dict) -> dict:
         raise ValueError(f"model_type {model_type!r}: a ProxyV checkpoint is one of {', '.join(LLM_TYPES)}.")
     family = LLM_TYPES[model_type]
     fields = set(AutoConfig.for_model(family).to_dict()) | {"rope_theta", "rope_scaling"}
-    return {"model_type": family, **{k: v for k, v in config.items() if k in fields and k != "model_type"}}
+    fields -= {"model_type", "architectures", "_name_or_path", "transformers_version"}
+    return {"model_type": family, **{k: v for k, v in config.items() if k in fields}}
 
 
 def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
@@ -63,6 +64,9 @@ def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
     config = read_json(os.path.join(src, "config.json"))
     if not config.get("proxyv"):
         raise ValueError(f"{src}/config.json has no 'proxyv': true; this is not a ProxyV checkpoint.")
+    if not isinstance(config.get("proxyv_start_layer"), int):
+        raise ValueError(f"{src}/config.json has no proxyv_start_layer; the released code always writes it, so the "
+                         "file is not a complete ProxyV config.")
     if vision_config is None:
         raise ValueError(f"The checkpoint names its encoder only as {config.get('mm_vision_tower')!r}; pass that "
                          "encoder's config (a local model directory or its config.json) as vision_config "
@@ -83,7 +87,7 @@ def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
     settings = {
         "vision_feature_layer": config.get("mm_vision_select_layer", -2),
         "vision_feature_select": SELECT[select],
-        "proxyv_start_layer": config["proxyv_start_layer"],
+        "proxyv_start_layer": config.get("proxyv_start_layer"),
         "proxyv_reduce_factor": config.get("proxyv_reduce_factor", 4),
         "proxyv_proxy_init": "learned" if config.get("learn_proxy") else "spatial",
         "proxyv_mlp_width": int(mlp.shape[0]) if mlp is not None else None,  # from the tensors, not the config

@@ -198,6 +198,10 @@ def full_state_dict(model) -> dict:
     must call this (the shards are gathered, onto the CPU); otherwise it is the plain `state_dict()`."""
     from torch.distributed.tensor import DTensor
 
+    if any(hasattr(p, "ds_id") for p in model.parameters()) or any(
+            type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError("The model is sharded by DeepSpeed ZeRO-3 or FSDP1, whose shards leanvlm does not gather "
+                         "into the final model; use FSDP2 (fsdp_version: 2, recipes/accelerate/fsdp.yaml).")
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -373,6 +377,7 @@ class Trainer:
             checkpoint = resume if isinstance(resume, str) else (self.checkpoints() or [None])[-1]
             if checkpoint is None:
                 raise FileNotFoundError(f"No checkpoint to resume from in {self.checkpoint_root}.")
+            check_checkpoint_files(checkpoint)  # before the run directory is touched
         start = self.read_position(checkpoint) if checkpoint else Position()
         for stage in recipe.stages:
             if stage.batch_size % accelerator.num_processes:
@@ -504,7 +509,6 @@ class Trainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(stage.warmup_ratio * steps), steps)
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if checkpoint is not None:
-            check_checkpoint_files(checkpoint)
             accelerator.load_state(checkpoint)
         lengths = dataset.lengths() if stage.group_by_length else None
         order = sample_order(len(dataset), steps * stage.batch_size * stage.grad_accum, recipe.seed, index, lengths,
