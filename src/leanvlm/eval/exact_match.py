@@ -144,6 +144,15 @@ def prompt_ids(processor, pieces: list[str]) -> list[int]:
     return [processor.image_token_id if t == processor.tokenizer_image_id else t for t in ids]
 
 
+def image_inputs(processor, images: list | None, device) -> dict:
+    """The model's image arguments for PIL images in placeholder order: `pixel_values` (on `device`) and
+    `image_crops`; none without images."""
+    if not images:
+        return {}
+    pixel_values, crops = processor.preprocess_images(images)
+    return {"pixel_values": pixel_values.to(device), "image_crops": crops}
+
+
 @torch.no_grad()
 def answer(model, processor, prompts: list[list[str]], images: list | None = None, image_context=None,
            max_new_tokens: int = 16, streamer=None, **sampling) -> list[str]:
@@ -152,10 +161,7 @@ def answer(model, processor, prompts: list[list[str]], images: list | None = Non
     tokens are decoded; special tokens (end of turn, padding) are dropped."""
     input_ids, attention_mask = encode_prompts(processor, prompts)
     device = model.device
-    extra = {"image_context": image_context}
-    if images:
-        pixel_values, extra["image_crops"] = processor.preprocess_images(images)
-        extra["pixel_values"] = pixel_values.to(device)
+    extra = {"image_context": image_context, **image_inputs(processor, images, device)}
     output = model.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
                             pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer,
                             **{"do_sample": False, **sampling}, **extra)
@@ -278,17 +284,18 @@ def results_table(result: dict, title: str | None = None) -> Table:
     """One row per family, then the overall row: the metric's mean with its 95% interval, next to the answer
     prior."""
     metric = result.get("metric", "exact_match")
+    binary = metric in BINARY_SCORES
     table = Table(title=title or METRIC_TITLES[metric])
     table.add_column("family")
-    score_column = "accuracy" if metric in BINARY_SCORES else "mean score"
-    for column in ("questions", "correct" if metric in BINARY_SCORES else "score sum", f"{score_column} [95% interval]",
+    score_column = "accuracy" if binary else "mean score"
+    for column in ("questions", "correct" if binary else "score sum", f"{score_column} [95% interval]",
                    "answer prior"):
         table.add_column(column, justify="right")
     for name, counts in [*result["families"].items(), ("overall", result)]:
         low, high = counts["ci95"]
         table.add_row(name, str(counts["samples"]),
-                      str(counts["correct"]) if metric in BINARY_SCORES else f"{counts['correct']:.2f}",
-                      accuracy_text(counts["correct"], counts["samples"]) if metric in BINARY_SCORES
+                      str(counts["correct"]) if binary else f"{counts['correct']:.2f}",
+                      accuracy_text(counts["correct"], counts["samples"]) if binary
                       else f"{counts['accuracy']:.1%} [{100 * low:.1f}, {100 * high:.1f}]",
                       f"{counts['answer_prior']:.1%}", style="bold" if name == "overall" else None)
     return table

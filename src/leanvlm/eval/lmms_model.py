@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from leanvlm.config import IMAGE_TOKEN
 from leanvlm.data.templates import generation_prompt, segments, with_image_placeholders
 from leanvlm.decoders.base import left_pad
-from leanvlm.eval.exact_match import answer, load_model, prompt_ids
+from leanvlm.eval.exact_match import answer, image_inputs, load_model, prompt_ids
 
 MODEL_ID = "leanvlm"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -268,14 +268,10 @@ class LeanVLM(lmms):
         probability and whether it is the greedy choice at every step, from one left-padded forward."""
         input_ids, valid = left_pad([torch.tensor(ids) for ids, _, _ in rows], self.processor.tokenizer.pad_token_id)
         longest = max(length for _, length, _ in rows)
-        extra = {}
-        images = [image for _, _, row_images in rows for image in row_images]
-        if images:
-            pixel_values, extra["image_crops"] = self.processor.preprocess_images(images)
-            extra["pixel_values"] = pixel_values.to(self.model.device)
         device = self.model.device
+        images = image_inputs(self.processor, [image for _, _, row_images in rows for image in row_images], device)
         logits = self.model(input_ids.to(device), valid.long().to(device), logits_to_keep=longest + 1,
-                            **extra).logits.float()
+                            **images).logits.float()
         # left padding: every row ends at the last column, so its continuation is the last `length` tokens, each
         # predicted by the position before it
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()

@@ -66,18 +66,24 @@ def load_strict(module, state: dict, what: str, allowed_missing: tuple[str, ...]
             raise ValueError(f"The checkpoint's {what} {problem}: {shown}.")
 
 
-def build_part(config: dict, causal_lm: bool):
+def load_part(config: dict, state: dict, causal_lm: bool, what: str):
+    """A Hugging Face model built from a saved `config` (a causal LM, or an encoder: a two-tower SigLIP/CLIP
+    config gives its vision half) with `state` loaded strictly; a causal LM with tied embeddings may lack its
+    lm_head."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
-        raise ValueError("A part's config has no model_type.")
+        raise ValueError(f"The {what}'s config has no model_type.")
     part = AutoConfig.for_model(model_type, **config)
     if causal_lm:
-        return AutoModelForCausalLM.from_config(part)
-    # a two-tower config (SigLIP, CLIP) saved for the vision tower: its vision half
-    return AutoModel.from_config(getattr(part, "vision_config", None) or part)
+        model = AutoModelForCausalLM.from_config(part)
+    else:
+        model = AutoModel.from_config(getattr(part, "vision_config", None) or part)
+    tied = ("lm_head.weight",) if causal_lm and model.config.tie_word_embeddings else ()
+    load_strict(model, state, what, tied)
+    return model
 
 
 def rename(state: dict, table: dict[str, str]) -> tuple[dict, dict]:

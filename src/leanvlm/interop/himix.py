@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from leanvlm.interop.checkpoints import build_part, load_strict, read_json, read_weights, rename, save_imported
+from leanvlm.interop.checkpoints import load_part, load_strict, read_json, read_weights, rename, save_imported
 
 # A released LLM key of decoder layer n -> the key in leanvlm's HiMix decoder (`model.decoder`).
 LAYER_KEYS = {
@@ -62,11 +62,8 @@ def import_himix(src: str, out: str) -> dict:
     if not decoder_state:
         raise ValueError(f"{src}: no layer has input_layernorm_img / k_proj_img / v_proj_img; this is not a HiMix "
                          "checkpoint.")
-    llm = build_part(text_config, causal_lm=True)
-    tied = ("lm_head.weight",) if llm.config.tie_word_embeddings else ()
-    load_strict(llm, plain, "language model", tied)
-    vision = build_part(vision_config, causal_lm=False)
-    load_strict(vision, vision_state, "vision tower")
+    llm = load_part(text_config, plain, causal_lm=True, what="language model")
+    vision = load_part(vision_config, vision_state, causal_lm=False, what="vision tower")
     tokenizer_dir = src if os.path.isfile(os.path.join(src, "tokenizer_config.json")) else os.path.join(
         src, "language_model")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

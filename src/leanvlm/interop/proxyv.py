@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from leanvlm.interop.checkpoints import build_part, load_strict, read_json, read_weights, rename, save_imported
+from leanvlm.interop.checkpoints import load_part, load_strict, read_json, read_weights, rename, save_imported
 
 # Released key -> key in leanvlm's ProxyV decoder (`model.decoder`).
 DECODER_KEYS = {
@@ -74,11 +74,8 @@ def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
     vision_path = vision_config if vision_config.endswith(".json") else os.path.join(vision_config, "config.json")
     rest, decoder_state = rename(read_weights(src), DECODER_KEYS)
     llm_state, vision_state = rename(rest, VISION_KEYS)
-    llm = build_part(text_config_of(config), causal_lm=True)
-    tied = ("lm_head.weight",) if llm.config.tie_word_embeddings else ()
-    load_strict(llm, llm_state, "language model", tied)
-    vision = build_part(read_json(vision_path), causal_lm=False)
-    load_strict(vision, vision_state, "vision tower")
+    llm = load_part(text_config_of(config), llm_state, causal_lm=True, what="language model")
+    vision = load_part(read_json(vision_path), vision_state, causal_lm=False, what="vision tower")
     select = config.get("mm_vision_select_feature", "patch")
     if select not in SELECT:
         raise ValueError(f"mm_vision_select_feature={select!r}; the released code uses one of {list(SELECT)}.")
