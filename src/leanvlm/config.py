@@ -66,6 +66,7 @@ class LeanVLMConfig(PreTrainedConfig):
     # registry tests check that they agree). HiMix (`HiMixOptions`):
     himix_feature_layers: list[int] | None = None
     himix_zero_init_values: bool = False
+    himix_separate_vision_softmax: bool = False
 
     # ProxyV (`ProxyVOptions`):
     proxyv_start_layer: int | None = None

@@ -1,9 +1,12 @@
 """`himix` against an explicit mixture-attention reference written from the spec (reference/himix.md §2.2-2.4)."""
 
+import math
+
 import pytest
 import torch
 from reference import attention
 from tiny import build, left_padded, pixels, prompt
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leanvlm import ImageContext
 from leanvlm.decoders.himix import feature_layer_per_decoder_layer
@@ -16,11 +19,13 @@ def vision_hidden(model, images, layer):
 
 
 @torch.no_grad()
-def reference_logits(model, text_ids, vision_per_layer):
+def reference_logits(model, text_ids, vision_per_layer, separate=False):
     """One sample. text_ids: text tokens only (placeholder removed); vision_per_layer[l]: (N, d_v) or None.
 
     Every layer: queries from text; keys/values = [vision K/V (own RMSNorm + K/V Linear, no RoPE) ; text K/V
-    (RoPE at positions 0..M-1)]; mask = [all vision visible | causal text]; o_proj + FFN on text only."""
+    (RoPE at positions 0..M-1)]; mask = [all vision visible | causal text]; o_proj + FFN on text only.
+    `separate` (himix_separate_vision_softmax): one softmax over the causal text keys, another over the vision keys,
+    the two attention outputs added before o_proj."""
     llm = model.language_model
     x = llm.model.embed_tokens(torch.tensor([text_ids]))
     m = x.shape[1]
@@ -39,14 +44,35 @@ def reference_logits(model, text_ids, vision_per_layer):
                       vision_kv.v_proj(y).view(1, n, -1, hd).transpose(1, 2))
         allowed = torch.cat([torch.ones(m, n, dtype=torch.bool), causal], dim=1)
         h = layer.input_layernorm(x)
-        x = x + attention(layer, h, h, rope, rope, allowed, prefix)
+        if separate:
+            x = x + attention(layer, h, h, rope, rope, causal)
+            if prefix is not None:
+                x = x + vision_only_attention(layer, h, rope, prefix)
+        else:
+            x = x + attention(layer, h, h, rope, rope, allowed, prefix)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return llm.lm_head(llm.model.norm(x))[0]
 
 
+def vision_only_attention(layer, h, rope, prefix):
+    """o_proj (without its bias) of a softmax over the vision keys alone, for queries h (1, M, d) at RoPE `rope`."""
+    attn = layer.self_attn
+    hd = attn.head_dim
+    q = attn.q_proj(h).view(1, h.shape[1], -1, hd)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), *rope)  # (1, H, M, hd)
+    groups = q.shape[1] // prefix[0].shape[1]
+    keys, values = (t.repeat_interleave(groups, dim=1) for t in prefix)
+    out = ((q @ keys.transpose(-1, -2)) / math.sqrt(hd)).softmax(-1) @ values  # (1, H, M, hd)
+    bias = attn.o_proj.bias if attn.o_proj.bias is not None else 0
+    return attn.o_proj(out.transpose(1, 2).flatten(2)) - bias
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_logits_equal_explicit_reference(family):
-    model = build("himix", family)
+@pytest.mark.parametrize("separate", [False, True])
+def test_logits_equal_explicit_reference(family, separate):
+    model = build("himix", family, himix_separate_vision_softmax=separate)
     images = pixels(3)
     feats = vision_hidden(model, images, -2)
     rows = [
@@ -59,9 +85,9 @@ def test_logits_equal_explicit_reference(family):
         out = model(ids, mask, pixel_values=images)
     layers = len(model.decoder.vision_kv)
     expected = [
-        reference_logits(model, [5, 7, 8, 9], [feats[0]] * layers),
-        reference_logits(model, [10, 11, 12], [torch.cat([feats[1], feats[2]])] * layers),
-        reference_logits(model, [13, 14, 15, 16, 17, 18], [None] * layers),
+        reference_logits(model, [5, 7, 8, 9], [feats[0]] * layers, separate),
+        reference_logits(model, [10, 11, 12], [torch.cat([feats[1], feats[2]])] * layers, separate),
+        reference_logits(model, [13, 14, 15, 16, 17, 18], [None] * layers, separate),
     ]
     for b, reference in enumerate(expected):
         torch.testing.assert_close(out.logits[b, out.attention_mask[b]], reference, atol=1e-5, rtol=0)
@@ -75,6 +101,26 @@ def test_sliding_window_never_hides_vision_keys():
         out = model(torch.tensor([prompt(model, "<image>", *text)]), pixel_values=images).logits[0]
     vision = [vision_hidden(model, images, -2)[0]] * len(model.decoder.vision_kv)
     torch.testing.assert_close(out, reference_logits(model, text, vision), atol=1e-5, rtol=0)
+
+
+def test_separate_softmax_with_zero_values_is_the_plain_llm_and_learns_to_see():
+    """With its own vision softmax and zero vision values the untrained model gives the LLM's text-only logits
+    exactly, whatever the image; one gradient step on the values makes the image matter."""
+    model = build("himix", "qwen2", himix_separate_vision_softmax=True, himix_zero_init_values=True)
+    ids = torch.tensor([prompt(model, 5, "<image>", 6, 7)])
+    with torch.no_grad():
+        out = model(ids, pixel_values=pixels(1)).logits[0]
+        plain = model.language_model(input_ids=torch.tensor([[5, 6, 7]])).logits[0]
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    loss = model(ids, pixel_values=pixels(1), labels=ids).loss
+    loss.backward()
+    assert all(m.v_proj.weight.grad.abs().sum() > 0 for m in model.decoder.vision_kv)
+    with torch.no_grad():
+        for m in model.decoder.vision_kv:
+            m.v_proj.weight -= 0.1 * m.v_proj.weight.grad.sign()
+        seen = model(ids, pixel_values=pixels(1)).logits[0]
+        other = model(ids, pixel_values=pixels(1, seed=7)).logits[0]
+    assert (seen - other).abs().max() > 1e-4
 
 
 def test_text_only_sample_equals_plain_llm():

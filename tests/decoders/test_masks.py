@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leanvlm.decoders.attention import CAUSAL, attend, build_mask
-from leanvlm.decoders.himix import HiMixDecoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -240,7 +239,7 @@ def test_himix_policy_matches_reference(himix_decoder, case):
     key_valid, num_queries, prefix_len, window = case
     result = himix_decoder.build_mask(as_tensor(key_valid), num_queries, prefix_len, window)
     check_against_reference(result, key_valid, num_queries, prefix_len, window)
-    unbound = HiMixDecoder.build_mask(None, as_tensor(key_valid), num_queries, prefix_len, window)
+    unbound = build_mask(as_tensor(key_valid), num_queries, prefix_len=prefix_len, window=window)
     batch, n = len(key_valid), len(key_valid[0])
     assert torch.equal(
         expand(result, batch, num_queries, n, prefix_len), expand(unbound, batch, num_queries, n, prefix_len)
@@ -301,7 +300,7 @@ def test_attend_with_builder_mask_matches_explicit_softmax(case, seed, policy):
         build = lambda kv: VanillaDecoder.build_mask(None, kv, num_queries, 0, window)  # noqa: E731
         prefix_len = 0
     else:
-        build = lambda kv: HiMixDecoder.build_mask(None, kv, num_queries, prefix_len, window)  # noqa: E731
+        build = lambda kv: build_mask(kv, num_queries, prefix_len=prefix_len, window=window)  # noqa: E731
     batch, num_keys = len(key_valid), len(key_valid[0])
     heads, kv_heads, dim = 4, 2, 8
     g = torch.Generator().manual_seed(seed)

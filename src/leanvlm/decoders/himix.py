@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanvlm.decoders.attention import build_mask
+from leanvlm.decoders.attention import attend, build_mask
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
     DecoderInputs,
@@ -25,6 +25,7 @@ from leanvlm.decoders.base import (
     positions_from_valid,
 )
 from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
+from leanvlm.decoders.layer import project_qkv
 from leanvlm.decoders.llm import decoder_layers, kv_layout
 
 
@@ -71,10 +72,14 @@ class HiMixOptions(PolicyOptions):
     `vision_feature_layer` for every decoder layer, as in the paper). `himix_zero_init_values`: start every vision V
     projection at zero (a deviation from the paper, whose V starts random like K): the vision keys then add nothing
     but a little attention mass at initialisation, so training starts from nearly the plain LLM instead of one whose
-    every layer attends to random values."""
+    every layer attends to random values. `himix_separate_vision_softmax`: text queries attend to the vision keys
+    with a softmax of their own whose result is added to the text attention's, instead of one softmax over vision and
+    text keys together (a deviation from the paper): the vision keys can then never draw attention away from the
+    text, and with zero vision values the untrained model is exactly the plain LLM."""
 
     himix_feature_layers: list[int] | None = None
     himix_zero_init_values: bool = False
+    himix_separate_vision_softmax: bool = False
 
     def resolved(self, num_layers: int) -> HiMixOptions:
         if self.himix_feature_layers is not None:
@@ -95,7 +100,10 @@ class HiMixDecoder(DecoderPolicy):
     options_are = "a himix option"
     groups = ("vision_kv",)
     keeps_vision_tokens = False  # vision keys are a position-free set: no layout, no newline
-    presets: ClassVar[dict[str, Preset]] = {"two_feature_layers": Preset({"himix_feature_layers": [-2, -1]})}
+    presets: ClassVar[dict[str, Preset]] = {
+        "two_feature_layers": Preset({"himix_feature_layers": [-2, -1]}),
+        "separate_vision_softmax": Preset({"himix_separate_vision_softmax": True}),
+    }
 
     @classmethod
     def feature_layers(cls, config) -> list[int]:
@@ -134,6 +142,7 @@ class HiMixDecoder(DecoderPolicy):
         self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(layers))
         for vision_kv in self.vision_kv:
             vision_kv.v_proj.zero_init = config.himix_zero_init_values  # read by the model's weight init
+        self.separate_vision_softmax = config.himix_separate_vision_softmax
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"vision_kv": list(self.vision_kv.parameters())}
@@ -195,4 +204,41 @@ class HiMixDecoder(DecoderPolicy):
 
     def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
         """Text queries see every valid vision key and the text causally; vision keys are never windowed."""
+        if self.separate_vision_softmax:
+            return SplitMask.build(key_valid, num_queries, prefix_len, window)
         return build_mask(key_valid, num_queries, prefix_len=prefix_len, window=window)
+
+    def layer_step(self, layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs: DecoderInputs):
+        if not isinstance(mask, SplitMask):
+            return super().layer_step(layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs)
+        query, key, value = project_qkv(layer, layer.input_layernorm(hidden), cos, sin)
+        key, value = kv_store(layer_idx, key, value)
+        attn, prefix = layer.self_attn, mask.prefix_len
+        dropout = attn.attention_dropout if layer.training else 0.0
+        out = attend(query, key[:, :, prefix:], value[:, :, prefix:], mask.text, attn.scaling, dropout)
+        if prefix:
+            vision = attend(query, key[:, :, :prefix], value[:, :, :prefix], mask.vision, attn.scaling, dropout)
+            out = out + vision * mask.has_vision
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).flatten(2))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@dataclass
+class SplitMask:
+    """The masks of `himix_separate_vision_softmax`: the first `prefix_len` keys are the vision keys, attended with
+    their own softmax under `vision`; the rest are the text keys under `text` (a `build_mask` result)."""
+
+    prefix_len: int
+    vision: torch.Tensor | None  # (B, 1, 1, P) bool, None when every vision key is valid
+    has_vision: torch.Tensor  # (B, 1, 1, 1): 0 for samples without vision keys, whose vision term is dropped
+    text: torch.Tensor | str | None
+
+    @classmethod
+    def build(cls, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None) -> SplitMask:
+        vision_valid = key_valid[:, :prefix_len]
+        has_vision = vision_valid.any(dim=1)
+        # A sample without vision keys would get NaN from an empty softmax: let it see the padding, then drop it.
+        vision = vision_valid | ~has_vision[:, None]
+        text = build_mask(key_valid[:, prefix_len:], num_queries, window=window)
+        return cls(prefix_len, None if bool(vision.all()) else vision[:, None, None], has_vision[:, None, None, None],
+                   text)
