@@ -8,12 +8,19 @@ from tiny import build, left_padded, pixels, prompt
 from leanvlm import DECODERS
 from leanvlm.generation import SamplingParams, sample
 
-OPTIONS = {"proxyv": dict(proxyv_start_layer=1, proxyv_reduce_factor=2)}  # 4x4 patch grid -> 2x2 proxies
+VARIANTS = {
+    **{name: (name, {}) for name in DECODERS},
+    "proxyv": ("proxyv", dict(proxyv_start_layer=1, proxyv_reduce_factor=2)),  # 4x4 patch grid -> 2x2 proxies
+    # vision keys in some layers only: the other layers' buffers hold no prefix slots
+    "himix_sparse": ("himix", dict(himix_layers=[1])),
+    "himix_sparse_separate": ("himix", dict(himix_layers=[0, 2], himix_separate_vision_softmax=True)),
+}
 FAMILIES = ["llama", "mistral"]  # mistral: sliding window 7, so distances between text slots matter
 
 
-def model_for(decoder, family):
-    return build(decoder, family, **OPTIONS.get(decoder, {}))
+def model_for(variant, family):
+    decoder, options = VARIANTS[variant]
+    return build(decoder, family, **options)
 
 
 def requests(model):
@@ -42,7 +49,7 @@ def recomputed(model, row, images, new_tokens):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("decoder", list(DECODERS))
+@pytest.mark.parametrize("decoder", list(VARIANTS))
 @torch.no_grad()
 def test_merged_and_selected_rows_attend_exactly_as_alone(decoder, family):
     model = model_for(decoder, family)
@@ -68,12 +75,15 @@ def test_merged_and_selected_rows_attend_exactly_as_alone(decoder, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("decoder", list(DECODERS))
-def test_a_running_batch_with_joining_and_leaving_rows_generates_the_one_by_one_tokens(decoder, family):
+@pytest.mark.parametrize("decoder", list(VARIANTS))
+@pytest.mark.parametrize("arrivals", [
+    {0: [0, 1, 2], 2: [3], 4: [4]},  # step -> requests prefilled together, then merged
+    {0: [2], 1: [0], 2: [1, 3], 3: [4]},  # images join a text-only batch
+])
+def test_a_running_batch_with_joining_and_leaving_rows_generates_the_one_by_one_tokens(decoder, family, arrivals):
     model = model_for(decoder, family)
     reqs = requests(model)
     budgets = [6, 3, 9, 5, 4]  # new tokens per request: rows leave at different steps
-    arrivals = {0: [0, 1, 2], 2: [3], 4: [4]}  # step -> requests prefilled together, then merged
     served = continuous_batching(model, reqs, budgets, arrivals)
     for request, ((row, images), budget) in enumerate(zip(reqs, budgets, strict=True)):
         alone = model.generate(torch.tensor([row]), pixel_values=images, max_new_tokens=budget, eos_token_id=[])

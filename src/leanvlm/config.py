@@ -67,6 +67,7 @@ class LeanVLMConfig(PreTrainedConfig):
     himix_feature_layers: list[int] | None = None
     himix_zero_init_values: bool = False
     himix_separate_vision_softmax: bool = False
+    himix_layers: list[int] | None = None
 
     # ProxyV (`ProxyVOptions`):
     proxyv_start_layer: int | None = None

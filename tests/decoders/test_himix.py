@@ -34,10 +34,13 @@ def reference_logits(model, text_ids, vision_per_layer, separate=False):
     window = getattr(llm.config, "sliding_window", None)  # Mistral: text keys only, never the vision keys
     if window is not None:
         causal &= ~torch.ones(m, m, dtype=torch.bool).tril(-window)
-    for layer, vision_kv, vision in zip(llm.model.layers, model.decoder.vision_kv, vision_per_layer, strict=True):
+    decoder = model.decoder  # with himix_layers, the layers without their own vision K/V see no vision keys
+    modules = [decoder.vision_kv[decoder.vision_slot[i]] if i in decoder.vision_slot else None
+               for i in range(len(llm.model.layers))]
+    for layer, vision_kv, vision in zip(llm.model.layers, modules, vision_per_layer, strict=True):
         hd = layer.self_attn.head_dim
         prefix, n = None, 0
-        if vision is not None:
+        if vision is not None and vision_kv is not None:
             n = vision.shape[0]
             y = vision_kv.norm(vision[None])
             prefix = (vision_kv.k_proj(y).view(1, n, -1, hd).transpose(1, 2),
@@ -91,6 +94,35 @@ def test_logits_equal_explicit_reference(family, separate):
     ]
     for b, reference in enumerate(expected):
         torch.testing.assert_close(out.logits[b, out.attention_mask[b]], reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_sparse_layers_equal_the_reference_with_vision_keys_in_those_layers_only(separate):
+    model = build("himix", "llama", himix_layers=[2, 0], himix_separate_vision_softmax=separate)
+    assert model.decoder.vision_layers == [0, 2] and len(model.decoder.vision_kv) == 2
+    images = pixels(2)
+    feats = vision_hidden(model, images, -2)
+    ids, mask = left_padded([prompt(model, 5, "<image>", 7, 8, 9), prompt(model, 13, 14, 15, 16, 17),
+                             prompt(model, "<image>", 10, 11)])
+    with torch.no_grad():
+        out = model(ids, mask, pixel_values=images)
+    expected = [reference_logits(model, [5, 7, 8, 9], [feats[0]] * 3, separate),
+                reference_logits(model, [13, 14, 15, 16, 17], [None] * 3, separate),
+                reference_logits(model, [10, 11], [feats[1]] * 3, separate)]
+    for b, reference in enumerate(expected):
+        torch.testing.assert_close(out.logits[b, out.attention_mask[b]], reference, atol=1e-5, rtol=0)
+    dense = build("himix", "llama", himix_separate_vision_softmax=separate)
+    with torch.no_grad():  # the same weights in layers 0 and 2: the middle layer's vision keys made the difference
+        dense.decoder.vision_kv[0].load_state_dict(model.decoder.vision_kv[0].state_dict())
+        dense.decoder.vision_kv[2].load_state_dict(model.decoder.vision_kv[1].state_dict())
+        dense.language_model.load_state_dict(model.language_model.state_dict())
+        assert (dense(ids, mask, pixel_values=images).logits - out.logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("layers", [[], [3], [0, 0], [-1], "0"])
+def test_bad_sparse_layers_are_refused_with_the_accepted_range(layers):
+    with pytest.raises(ValueError, match=r"himix_layers must be .* in 0\.\.2"):
+        build("himix", "llama", himix_layers=layers)
 
 
 def test_sliding_window_never_hides_vision_keys():

@@ -19,8 +19,8 @@ class ImageContext:
     """Images already turned into what a decoder consumes, so any number of prompts can reuse them.
 
     `tokens` is stacked over crops (image i has `crops[i]` consecutive rows; single-crop images have one):
-    policies with vision tokens in the sequence hold the projected tokens (n_crops, N, d); himix holds every layer's
-    vision keys and values (n_crops, num_layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one
+    policies with vision tokens in the sequence hold the projected tokens (n_crops, N, d); himix holds the vision
+    keys and values of every layer that has them (n_crops, vision layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one
     crop's N tokens when they form one.
     """
 
@@ -80,8 +80,8 @@ class VisionPrefix:
     """Position-free keys/values placed in front of the text keys of every layer (HiMix's vision keys)."""
 
     valid: torch.Tensor  # (B, P) bool
-    keys: list[torch.Tensor]  # per layer: (B, H_kv, P, head_dim)
-    values: list[torch.Tensor]
+    keys: list[torch.Tensor | None]  # per layer: (B, H_kv, P, head_dim), None in a layer without prefix keys
+    values: list[torch.Tensor | None]
 
 
 @dataclass

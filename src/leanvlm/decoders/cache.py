@@ -1,9 +1,10 @@
 """Key/value cache for generation: one preallocated buffer per layer, written in place.
 
 Slots hold `[prefix | text]` keys in time order, the same layout the mask builder expects; the prefix (HiMix's vision
-keys) is written once at prefill. The rows of a batch share one slot count: a row's valid text slots are contiguous at
-the right end of the text segment, its padding slots are marked invalid in `key_valid`. Rows can leave (`select`)
-and join (`merge`) a running batch, so a server can keep decoding while requests finish and arrive.
+keys) is written once at prefill, in the layers that have one (sparse-layer HiMix leaves it out of the others, whose
+buffers then hold the text slots alone). The rows of a batch share one slot count: a row's valid text slots are
+contiguous at the right end of the text segment, its padding slots are marked invalid in `key_valid`. Rows can
+leave (`select`) and join (`merge`) a running batch, so a server can keep decoding while requests finish and arrive.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_valid: torch.Tensor | None = None  # (B, length) bool
         self.prefix_len = 0
+        self.prefix_layers: list[bool] | None = None  # which layers hold the prefix slots (None: every layer)
         self.length = 0  # filled slots
         self.next_position: torch.Tensor | None = None  # (B,) next text position per sample
         self._start = 0  # first slot of the block being written
@@ -75,41 +77,51 @@ class KVCache:
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write key/value (B, H_kv, T, D) into the open block; return all keys/values so far (views)."""
-        stop = self._start + key.shape[2]
+        start = self._start - self._offset(layer_idx)
+        stop = start + key.shape[2]
         buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
         if buf_k is None or buf_k.shape[2] < stop:
-            buf_k, buf_v = self._grow(buf_k, key, stop), self._grow(buf_v, value, stop)
+            buf_k, buf_v = self._grow(buf_k, key, start, stop), self._grow(buf_v, value, start, stop)
             self.keys[layer_idx], self.values[layer_idx] = buf_k, buf_v
-        buf_k[:, :, self._start : stop] = key
-        buf_v[:, :, self._start : stop] = value
+        buf_k[:, :, start:stop] = key
+        buf_v[:, :, start:stop] = value
         return buf_k[:, :, :stop], buf_v[:, :, :stop]
+
+    def _offset(self, layer_idx: int) -> int:
+        """Slots a layer does not store: the prefix, in a layer without one."""
+        has_prefix = self.prefix_layers is None or self.prefix_layers[layer_idx]
+        return 0 if has_prefix else self.prefix_len
 
     def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                      upcoming: int) -> None:
-        """Store position-free prefix keys/values (per layer: (B, H_kv, P, D)) in front of any text."""
+        """Store position-free prefix keys/values (per layer: (B, H_kv, P, D), or None for a layer without a prefix)
+        in front of any text."""
         if self.length:
             raise RuntimeError("the prefix must be written before any text")
         self.begin(valid, upcoming)
-        for layer_idx in range(len(self.keys)):
-            self.update(layer_idx, keys[layer_idx], values[layer_idx])
+        self.prefix_layers = [key is not None for key in keys]
+        for layer_idx, (key, value) in enumerate(zip(keys, values, strict=True)):
+            if key is not None:
+                self.update(layer_idx, key, value)
         self.length = self.prefix_len = valid.shape[1]
 
-    def _grow(self, buf: torch.Tensor | None, like: torch.Tensor, needed: int) -> torch.Tensor:
+    def _grow(self, buf: torch.Tensor | None, like: torch.Tensor, start: int, needed: int) -> torch.Tensor:
         if buf is None:
             capacity = needed + self._upcoming + self.reserve
         else:  # geometric growth keeps a hand-written decode loop linear in time
             capacity = max(needed, 2 * buf.shape[2])
         new = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3])
         if buf is not None:
-            new[:, :, : self._start] = buf[:, :, : self._start]
+            new[:, :, :start] = buf[:, :, :start]
         return new
 
     def nbytes(self) -> int:
         """Bytes of the filled key/value slots over all layers."""
         total = 0
-        for buf in self.keys + self.values:
-            if buf is not None:
-                total += buf[:, :, : self.length].numel() * buf.element_size()
+        for layer_idx, bufs in enumerate(zip(self.keys, self.values, strict=True)):
+            for buf in bufs:
+                if buf is not None:
+                    total += buf[:, :, : self.length - self._offset(layer_idx)].numel() * buf.element_size()
         return total
 
     # ------------------------------------------------------------------ rows leave and join a running batch
@@ -142,9 +154,11 @@ class KVCache:
         room = self._room()
         for store in (self.keys, self.values):
             for layer_idx, buf in enumerate(store):
-                kept = buf.new_zeros(len(rows), buf.shape[1], len(slots) + room, buf.shape[3])
-                kept[:, :, : len(slots)] = buf.index_select(0, rows).index_select(2, slots)  # (B', H_kv, S, D)
-                store[layer_idx] = kept
+                offset = self._offset(layer_idx)
+                layer_slots = slots if not offset else text_slots - offset
+                kept = buf.new_zeros(len(rows), buf.shape[1], len(layer_slots) + room, buf.shape[3])
+                kept[:, :, : len(layer_slots)] = buf.index_select(0, rows).index_select(2, layer_slots)
+                store[layer_idx] = kept  # (B', H_kv, S, D)
         self.key_valid = valid[:, slots]
         self.next_position = self.next_position[rows]
         self.prefix_len, self.length = len(prefix_slots), len(slots)
@@ -169,40 +183,52 @@ class KVCache:
         if self.key_valid is None:  # an empty cache takes the rows as they are
             self.keys, self.values = list(other.keys), list(other.values)
             self.key_valid, self.next_position = other.key_valid, other.next_position
-            self.prefix_len, self.length = other.prefix_len, other.length
+            self.prefix_len, self.length, self.prefix_layers = other.prefix_len, other.length, other.prefix_layers
             return
         self._check_closed("merge into")
+        with_prefix = [cache.prefix_layers for cache in (self, other) if cache.prefix_len]
+        if len(with_prefix) == 2 and with_prefix[0] != with_prefix[1]:
+            raise ValueError("Cannot merge caches whose prefixes sit in different layers; prefill both with the "
+                             "same model.")
+        prefix_layers = with_prefix[0] if with_prefix else None
         prefix_len = max(self.prefix_len, other.prefix_len)
         text_len = max(self.length - self.prefix_len, other.length - other.prefix_len)
-        slots = prefix_len + text_len + max(self._room(), other._room())
+        room = max(self._room(), other._room())
         batch = self.batch_size + other.batch_size
-        keys = [buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]) for buf in self.keys]
-        values = [buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]) for buf in self.values]
+        has_prefix = [prefix_layers is None or prefix_layers[i] for i in range(len(self.keys))]
+        keys, values = [], []
+        for buf, layer_prefix in zip(self.keys, has_prefix, strict=True):
+            slots = prefix_len * layer_prefix + text_len + room
+            keys.append(buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]))
+            values.append(buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]))
         valid = self.key_valid.new_zeros(batch, prefix_len + text_len)
-        self._place(keys, values, valid, 0, prefix_len, text_len)
-        other._place(keys, values, valid, self.batch_size, prefix_len, text_len)
+        self._place(keys, values, valid, 0, prefix_len, text_len, has_prefix)
+        other._place(keys, values, valid, self.batch_size, prefix_len, text_len, has_prefix)
         self.keys, self.values, self.key_valid = keys, values, valid
         self.next_position = torch.cat([self.next_position, other.next_position])
-        self.prefix_len, self.length = prefix_len, prefix_len + text_len
+        self.prefix_len, self.length, self.prefix_layers = prefix_len, prefix_len + text_len, prefix_layers
 
-    def _place(self, keys, values, valid, first_row: int, prefix_len: int, text_len: int) -> None:
+    def _place(self, keys, values, valid, first_row: int, prefix_len: int, text_len: int,
+               has_prefix: list[bool]) -> None:
         """Write this cache's rows into rows `first_row:` of larger buffers (per layer (B, H_kv, S, D)) and their
         key_valid (B, prefix_len + text_len), each segment padded on the left: prefix slots end at `prefix_len`,
-        text slots at `prefix_len + text_len`."""
+        text slots at `prefix_len + text_len` (`prefix_len` earlier in the layers without a prefix)."""
         rows = slice(first_row, first_row + self.batch_size)
         end = prefix_len + text_len
+        text_count = self.length - self.prefix_len
         prefix = slice(prefix_len - self.prefix_len, prefix_len)
-        text = slice(end - (self.length - self.prefix_len), end)
         for target, source in ((keys, self.keys), (values, self.values)):
-            for dst, buf in zip(target, source, strict=True):
-                dst[rows, :, prefix] = buf[:, :, : self.prefix_len]
-                dst[rows, :, text] = buf[:, :, self.prefix_len : self.length]
+            for layer_idx, (dst, buf) in enumerate(zip(target, source, strict=True)):
+                shift, own = (0 if has_prefix[layer_idx] else prefix_len), self.prefix_len - self._offset(layer_idx)
+                if has_prefix[layer_idx]:
+                    dst[rows, :, prefix] = buf[:, :, :own]
+                dst[rows, :, end - text_count - shift : end - shift] = buf[:, :, own : own + text_count]
         valid[rows, prefix] = self.key_valid[:, : self.prefix_len]
-        valid[rows, text] = self.key_valid[:, self.prefix_len :]
+        valid[rows, end - text_count : end] = self.key_valid[:, self.prefix_len :]
 
     def _room(self) -> int:
         """Allocated slots after the filled ones (kept when rows move, so decoding does not reallocate at once)."""
-        return self.keys[0].shape[2] - self.length
+        return self.keys[0].shape[2] - (self.length - self._offset(0))
 
     def _check_closed(self, action: str) -> None:
         if self.key_valid is None or self.length != self.key_valid.shape[1]:

@@ -1,6 +1,7 @@
 """`himix` (HiMix, arXiv 2501.10318): vision tokens never become queries and never pass the FFN. In every decoder
 layer, a layer-specific RMSNorm + K/V projection turns the frozen encoder features into extra keys/values that all
-text queries see ("mixture attention"). Text positions count text tokens only; vision keys get no RoPE."""
+text queries see ("mixture attention"). Text positions count text tokens only; vision keys get no RoPE. With
+`himix_layers` only the chosen layers get vision keys; the others run as the plain LLM's layers."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from leanvlm.decoders.base import (
     positions_from_valid,
 )
 from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
-from leanvlm.decoders.layer import project_qkv
+from leanvlm.decoders.layer import layer_forward, project_qkv
 from leanvlm.decoders.llm import decoder_layers, kv_layout
 
 
@@ -80,16 +81,27 @@ class HiMixOptions(PolicyOptions):
     himix_feature_layers: list[int] | None = None
     himix_zero_init_values: bool = False
     himix_separate_vision_softmax: bool = False
+    himix_layers: list[int] | None = None
 
     def resolved(self, num_layers: int) -> HiMixOptions:
+        vision_layers = num_layers
+        if self.himix_layers is not None:
+            layers = self.himix_layers
+            if (not isinstance(layers, list | tuple) or not layers or not all(isinstance(x, int) for x in layers)
+                    or len(set(layers)) < len(layers) or not all(0 <= x < num_layers for x in layers)):
+                raise ValueError(
+                    f"himix_layers must be a non-empty list of distinct decoder layer indices in 0..{num_layers - 1}"
+                    f", got {layers!r}."
+                )
+            self.himix_layers, vision_layers = sorted(layers), len(layers)
         if self.himix_feature_layers is not None:
             layers = list(self.himix_feature_layers)
             if not layers or not all(isinstance(x, int) for x in layers):
                 raise ValueError(f"himix_feature_layers must be a non-empty list of ints, got {layers!r}.")
-            if len(layers) > num_layers:
+            if len(layers) > vision_layers:
                 raise ValueError(
-                    f"himix_feature_layers has {len(layers)} entries but the language model has only {num_layers} "
-                    "decoder layers to map them onto."
+                    f"himix_feature_layers has {len(layers)} entries but there are only {vision_layers} decoder "
+                    "layers with vision keys to map them onto."
                 )
         return self
 
@@ -103,6 +115,8 @@ class HiMixDecoder(DecoderPolicy):
     presets: ClassVar[dict[str, Preset]] = {
         "two_feature_layers": Preset({"himix_feature_layers": [-2, -1]}),
         "separate_vision_softmax": Preset({"himix_separate_vision_softmax": True}),
+        "sparse_layers": Preset({"himix_layers": [1]}),
+        "sparse_layers_separate_softmax": Preset({"himix_layers": [0, 2], "himix_separate_vision_softmax": True}),
     }
 
     @classmethod
@@ -113,13 +127,15 @@ class HiMixDecoder(DecoderPolicy):
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: HiMixOptions) -> tuple[dict[str, float], int]:
-        """Text rows only; every layer's text queries also read n vision keys, made by that layer's K/V."""
+        """Text rows only; the text queries of every layer with vision keys also read n of them, made by that layer's
+        K/V."""
         llm, n, m = shape.llm, shape.vision_tokens, shape.text_tokens
+        vision_layers = set(range(llm.layers) if options.himix_layers is None else options.himix_layers)
         cost = LayerCost(llm)
-        pairs = m * (n + m) if shape.full_attention else m * n + causal_pairs(m)
-        for _ in range(llm.layers):
-            cost.layer(m, m, pairs)
-        cost.add("vision_kv", llm.layers * n * 2 * shape.vision_width * llm.kv_width)
+        text_pairs = m * m if shape.full_attention else causal_pairs(m)
+        for index in range(llm.layers):
+            cost.layer(m, m, text_pairs + m * n * (index in vision_layers))
+        cost.add("vision_kv", len(vision_layers) * n * 2 * shape.vision_width * llm.kv_width)
         return cost.macs, m
 
     def __init__(self, config, language_model: nn.Module):
@@ -130,6 +146,9 @@ class HiMixDecoder(DecoderPolicy):
         attn = layers[0].self_attn
         norm_class = type(layers[0].input_layernorm)  # the LLM's own RMSNorm (weight 1 at init)
         eps = config.text_config.rms_norm_eps
+        self.num_layers = len(layers)
+        self.vision_layers = list(range(len(layers))) if config.himix_layers is None else list(config.himix_layers)
+        self.vision_slot = {layer: slot for slot, layer in enumerate(self.vision_layers)}
         self.vision_kv = nn.ModuleList(
             VisionKV(
                 norm_class(vision_width, eps=eps),
@@ -137,9 +156,9 @@ class HiMixDecoder(DecoderPolicy):
                 self.num_kv_heads * self.head_dim,
                 bias=attn.k_proj.bias is not None,
             )
-            for _ in layers
+            for _ in self.vision_layers
         )
-        self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(layers))
+        self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(self.vision_layers))
         for vision_kv in self.vision_kv:
             vision_kv.v_proj.zero_init = config.himix_zero_init_values  # read by the model's weight init
         self.separate_vision_softmax = config.himix_separate_vision_softmax
@@ -148,8 +167,9 @@ class HiMixDecoder(DecoderPolicy):
         return {"vision_kv": list(self.vision_kv.parameters())}
 
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
-        """{encoder layer: (n, N, d_v)} -> every decoder layer's vision keys and values (n, num_layers, 2, H_kv, N, D),
-        one matmul per group of decoder layers that read the same encoder layer."""
+        """{encoder layer: (n, N, d_v)} -> the vision keys and values of every decoder layer that has them
+        (n, len(vision_layers), 2, H_kv, N, D), one matmul per group of decoder layers that read the same encoder
+        layer."""
         groups = []
         pairs = zip(self.layer_feature, self.vision_kv, strict=True)
         for feature_layer, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
@@ -177,9 +197,9 @@ class HiMixDecoder(DecoderPolicy):
         prefix = self._prefix(images_per_sample, context) if context is not None and len(context) else None
         return DecoderInputs(embed(text_ids), positions_from_valid(text_valid), text_valid, text_labels, prefix)
 
-    @staticmethod
-    def _prefix(images_per_sample: list[list[int]], context: ImageContext) -> VisionPrefix | None:
-        """Concatenate each sample's images' crops' keys/values; a text-only sample gets no vision keys at all.
+    def _prefix(self, images_per_sample: list[list[int]], context: ImageContext) -> VisionPrefix | None:
+        """Concatenate each sample's images' crops' keys/values; a text-only sample gets no vision keys at all, and a
+        layer without vision keys gets None.
 
         One gather per layer from a per-layer view: indexing the stacked (crops, layers, ...) tensor layer by layer
         would make autograd materialise a gradient of the whole stack for every layer."""
@@ -192,53 +212,62 @@ class HiMixDecoder(DecoderPolicy):
         prefix_len, padding = max(len(r) for r in rows), n_crops * per_crop  # the padding row is all zeros
         index = torch.tensor([r + [padding] * (prefix_len - len(r)) for r in rows], device=tokens.device)
         valid = index != padding
-        keys, values = [], []
-        for layer_tokens in tokens.unbind(1):  # (n, 2, H_kv, N, D)
+        keys, values = [None] * self.num_layers, [None] * self.num_layers
+        for layer, layer_tokens in zip(self.vision_layers, tokens.unbind(1), strict=True):  # (n, 2, H_kv, N, D)
             flat = layer_tokens.permute(0, 3, 1, 2, 4).reshape(n_crops * per_crop, 2, num_kv_heads, head_dim)
             flat = torch.cat([flat, flat.new_zeros(1, 2, num_kv_heads, head_dim)])
             gathered = flat[index.flatten()].view(len(rows), prefix_len, 2, num_kv_heads, head_dim)
-            key, value = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H_kv, P, D) each
-            keys.append(key)
-            values.append(value)
+            keys[layer], values[layer] = gathered.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H_kv, P, D) each
         return VisionPrefix(valid, keys, values)
 
     def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):
         """Text queries see every valid vision key and the text causally; vision keys are never windowed."""
-        if self.separate_vision_softmax:
-            return SplitMask.build(key_valid, num_queries, prefix_len, window)
+        if self.separate_vision_softmax or len(self.vision_layers) < self.num_layers:
+            return HiMixMasks.build(key_valid, num_queries, prefix_len, window, self.separate_vision_softmax)
         return build_mask(key_valid, num_queries, prefix_len=prefix_len, window=window)
 
     def layer_step(self, layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs: DecoderInputs):
-        if not isinstance(mask, SplitMask):
+        if not isinstance(mask, HiMixMasks):
             return super().layer_step(layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs)
+        if layer_idx not in self.vision_slot or not mask.prefix_len:  # the layer sees the text keys only
+            return layer_forward(layer, hidden, cos, sin, mask.text, kv_store, layer_idx)
+        if not mask.separate:
+            return layer_forward(layer, hidden, cos, sin, mask.joint, kv_store, layer_idx)
         query, key, value = project_qkv(layer, layer.input_layernorm(hidden), cos, sin)
         key, value = kv_store(layer_idx, key, value)
         attn, prefix = layer.self_attn, mask.prefix_len
         dropout = attn.attention_dropout if layer.training else 0.0
         out = attend(query, key[:, :, prefix:], value[:, :, prefix:], mask.text, attn.scaling, dropout)
-        if prefix:
-            vision = attend(query, key[:, :, :prefix], value[:, :, :prefix], mask.vision, attn.scaling, dropout)
-            out = out + vision * mask.has_vision
+        vision = attend(query, key[:, :, :prefix], value[:, :, :prefix], mask.vision, attn.scaling, dropout)
+        out = out + vision * mask.has_vision
         hidden = hidden + attn.o_proj(out.transpose(1, 2).flatten(2))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 @dataclass
-class SplitMask:
-    """The masks of `himix_separate_vision_softmax`: the first `prefix_len` keys are the vision keys, attended with
-    their own softmax under `vision`; the rest are the text keys under `text` (a `build_mask` result)."""
+class HiMixMasks:
+    """The masks of a forward whose layers attend differently: the first `prefix_len` keys are the vision keys.
+    `text` covers the text keys alone (layers without vision keys; the text softmax of a separate vision softmax);
+    `joint` covers [vision | text] in one softmax, or, with a `separate` vision softmax, `vision` covers the vision
+    keys (None when all are valid) and `has_vision` (B, 1, 1, 1) zeroes the vision term of samples without any."""
 
     prefix_len: int
-    vision: torch.Tensor | None  # (B, 1, 1, P) bool, None when every vision key is valid
-    has_vision: torch.Tensor  # (B, 1, 1, 1): 0 for samples without vision keys, whose vision term is dropped
+    separate: bool
     text: torch.Tensor | str | None
+    joint: torch.Tensor | None = None
+    vision: torch.Tensor | None = None
+    has_vision: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None) -> SplitMask:
+    def build(cls, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None,
+              separate: bool) -> HiMixMasks:
+        text = build_mask(key_valid[:, prefix_len:], num_queries, window=window)
+        if not separate:
+            joint = build_mask(key_valid, num_queries, prefix_len=prefix_len, window=window)
+            return cls(prefix_len, separate, text, joint=joint)
         vision_valid = key_valid[:, :prefix_len]
         has_vision = vision_valid.any(dim=1)
         # A sample without vision keys would get NaN from an empty softmax: let it see the padding, then drop it.
         vision = vision_valid | ~has_vision[:, None]
-        text = build_mask(key_valid[:, prefix_len:], num_queries, window=window)
-        return cls(prefix_len, None if bool(vision.all()) else vision[:, None, None], has_vision[:, None, None, None],
-                   text)
+        return cls(prefix_len, separate, text, vision=None if bool(vision.all()) else vision[:, None, None],
+                   has_vision=has_vision[:, None, None, None])

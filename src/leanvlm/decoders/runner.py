@@ -33,8 +33,8 @@ class DecoderRun:
         self.cos, self.sin = language_model.model.rotary_emb(self.hidden, inputs.position_ids)
         prefix = inputs.prefix
         if prefix is not None:  # the text's dtype and device rule (an image context may come from elsewhere)
-            keys = [k.to(self.hidden) for k in prefix.keys]
-            values = [v.to(self.hidden) for v in prefix.values]
+            keys = [None if k is None else k.to(self.hidden) for k in prefix.keys]
+            values = [None if v is None else v.to(self.hidden) for v in prefix.values]
         if cache is not None:
             if prefix is not None:
                 cache.write_prefix(prefix.valid.to(self.hidden.device), keys, values, upcoming=self.num_queries)
@@ -45,6 +45,8 @@ class DecoderRun:
             self.prefix_len = prefix.valid.shape[1]
 
             def kv_store(layer_idx, key, value):
+                if keys[layer_idx] is None:  # a layer without prefix keys
+                    return key, value
                 return torch.cat([keys[layer_idx], key], dim=2), torch.cat([values[layer_idx], value], dim=2)
 
             self.kv_store = kv_store
