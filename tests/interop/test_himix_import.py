@@ -1,7 +1,9 @@
 """`leanvlm import --from himix`: synthetic checkpoints in the released code's two layouts (tiny random weights, its
 real key names and config fields, written here by hand) import to a model whose logits equal the model they were
-written from, and survive save/reload; keys the table does not map, or that are missing, are named."""
+written from, and survive save/reload; keys the table does not map, or that are missing, are named. The model is
+built in the checkpoint's dtype from the checkpoint's own tensors, nothing left on the meta device."""
 
+import copy
 import json
 
 import pytest
@@ -12,7 +14,7 @@ from typer.testing import CliRunner
 
 from leanvlm import LeanVLMForConditionalGeneration
 from leanvlm.cli import app
-from leanvlm.interop.himix import import_himix
+from leanvlm.interop.himix import import_himix, load_himix
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,32 @@ def test_a_pickle_that_is_more_than_tensors_is_refused(reference, tmp_path):
     torch.save({"weights": object()}, tmp_path / "released" / "vision_tower" / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"vision_tower/pytorch_model\.bin cannot be read safely"):
         import_himix(str(tmp_path / "released"), str(tmp_path / "out"))
+
+
+def test_the_model_is_built_in_the_checkpoint_dtype_with_nothing_left_on_meta(reference, tmp_path):
+    write_whole(copy.deepcopy(reference).to(torch.bfloat16), tmp_path / "released")
+    model, _, report = load_himix(str(tmp_path / "released"))
+    assert report["notes"] == []
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert [name for name, tensor in tensors.items() if tensor.is_meta] == []
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # buffers the checkpoint does not hold (rotary inv_freq, the encoder's position ids) are computed as usual
+    buffers = dict(reference.named_buffers())
+    assert set(dict(model.named_buffers())) == set(buffers)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, buffers[name], atol=0, rtol=0)
+    with torch.no_grad():
+        assert logits(model).dtype == torch.bfloat16
+
+
+def test_mixed_float_dtypes_are_cast_to_the_dtype_of_most_weights_with_a_note(reference, tmp_path):
+    write_staged(reference, tmp_path / "released")  # float32; the LLM, the larger part, goes to bfloat16
+    path = tmp_path / "released" / "language_model" / "pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, path)
+    result = CliRunner().invoke(app, ["import", "--from", "himix", str(tmp_path / "released"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    vision_tensors = len(reference.vision_model.state_dict())
+    assert f"{vision_tensors} tensors were cast to bfloat16" in " ".join(result.output.split())
+    imported = LeanVLMForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in imported.parameters()} == {torch.bfloat16}

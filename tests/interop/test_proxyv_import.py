@@ -1,6 +1,9 @@
 """`leanvlm import --from proxyv`: a synthetic checkpoint in the released code's LLaVA-NeXT layout (tiny random
 weights, its real key names and config fields, written here by hand) imports to a model whose logits equal the
-model it was written from, with the spatial and the learned proxies; the crop-newline difference is reported."""
+model it was written from, with the spatial and the learned proxies, also from a transformers 4.x config; the
+crop-newline difference is reported. The model is built in the checkpoint's dtype from the checkpoint's own tensors
+(tied embeddings tied again), nothing left on the meta device; the alignment stage's mm_projector.bin alone is
+refused with what to import instead."""
 
 import json
 
@@ -12,15 +15,15 @@ from typer.testing import CliRunner
 
 from leanvlm import LeanVLMForConditionalGeneration
 from leanvlm.cli import app
-from leanvlm.interop.proxyv import import_proxyv
+from leanvlm.interop.proxyv import import_proxyv, load_proxyv
 
 PINPOINTS = [[32, 64], [64, 32]]
 
 
-def reference(learned: bool):
+def reference(learned: bool, text=None):
     torch.manual_seed(0)
     model = LeanVLMForConditionalGeneration.from_parts(
-        language_model=text_config("llama"), vision_model=vision_config("clip"), decoder="proxyv",
+        language_model=text or text_config("llama"), vision_model=vision_config("clip"), decoder="proxyv",
         tokenizer=bpe_tokenizer(), proxyv_start_layer=1, proxyv_reduce_factor=2, image_newline=True,
         proxyv_proxy_init="learned" if learned else "spatial", max_crops=3, image_grid_pinpoints=PINPOINTS).eval()
     for p in model.decoder.parameters():  # trained-looking values, not the initialisation
@@ -96,4 +99,49 @@ def test_the_encoder_config_is_required_and_wrong_widths_are_named(tmp_path):
     state["model.proxyv_initializer.Wk.weight"] = torch.zeros(8, 32)  # d/4 where the MLPs use d/2
     save_file(state, tmp_path / "released" / "model.safetensors")
     with pytest.raises(ValueError, match=r"(?s)ProxyV modules do not fit.*proxy_init\.key_proj\.weight"):
+        import_proxyv(str(tmp_path / "released"), str(tmp_path / "out"), str(tmp_path / "clip"))
+
+
+def test_a_transformers_4_config_imports_to_the_same_model(tmp_path):
+    text = text_config("llama")
+    text.rope_parameters["rope_theta"] = 500.0  # not the default, so a theta left behind changes the logits
+    model = reference(learned=False, text=text)
+    write_released(model, tmp_path / "released", learned=False)
+    path = tmp_path / "released" / "config.json"
+    config = json.loads(path.read_text())
+    del config["rope_parameters"], config["dtype"]
+    config |= {"rope_theta": 500.0, "rope_scaling": None, "torch_dtype": "float32", "transformers_version": "4.45.2"}
+    path.write_text(json.dumps(config))
+    import_proxyv(str(tmp_path / "released"), str(tmp_path / "out"), str(tmp_path / "clip"))
+    imported = LeanVLMForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert imported.config.text_config.rope_parameters["rope_theta"] == 500.0
+    torch.testing.assert_close(logits(imported), logits(model), atol=0, rtol=0)
+
+
+def test_the_model_is_built_in_the_checkpoint_dtype_with_nothing_left_on_meta(tmp_path):
+    model = reference(learned=True, text=text_config("llama3"))  # tied word embeddings: no lm_head in the file
+    write_released(model.to(torch.bfloat16), tmp_path / "released", learned=True)
+    imported, _, report = load_proxyv(str(tmp_path / "released"), str(tmp_path / "clip"))
+    assert not any("dtype" in note for note in report["notes"])
+    tensors = dict(imported.named_parameters()) | dict(imported.named_buffers())
+    assert [name for name, tensor in tensors.items() if tensor.is_meta] == []
+    assert {p.dtype for p in imported.parameters()} == {torch.bfloat16}
+    llm = imported.language_model
+    assert llm.lm_head.weight is llm.get_input_embeddings().weight
+    buffers = dict(reference(learned=True, text=text_config("llama3")).named_buffers())
+    for name, buffer in imported.named_buffers():  # rotary inv_freq, position ids: computed as usual
+        torch.testing.assert_close(buffer, buffers[name], atol=0, rtol=0)
+
+
+def test_the_alignment_stage_projector_alone_is_refused_with_what_to_import(tmp_path):
+    model = reference(learned=True)
+    write_released(model, tmp_path / "released", learned=True)
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "released" / "model.safetensors")
+    torch.save({k: v for k, v in state.items() if not k.startswith(("model.layers.", "model.vision_tower.",
+                                                                    "model.embed_tokens", "model.norm", "lm_head"))},
+               tmp_path / "released" / "mm_projector.bin")
+    (tmp_path / "released" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds only mm_projector\.bin.*Import the directory its fine-tuning stage"):
         import_proxyv(str(tmp_path / "released"), str(tmp_path / "out"), str(tmp_path / "clip"))

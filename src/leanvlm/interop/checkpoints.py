@@ -1,12 +1,14 @@
 """Reading other projects' checkpoints: JSON configs, weights (safetensors, or pickles with weights_only=True,
-sharded or not), renaming keys by a table, strict loading that names every unmapped or missing key, and Hugging Face
-parts built from a saved config."""
+sharded or not), one dtype for all of them, renaming keys by a table, strict loading that names every unmapped or
+missing key, and Hugging Face parts built from a saved config without memory of their own: the checkpoint's tensors
+become their parameters."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections import Counter
 
 import torch
 
@@ -23,20 +25,24 @@ def read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({exc}).") from exc
 
 
+def weight_files(directory: str) -> list[str]:
+    """The names of a directory's weight files: model.safetensors or pytorch_model.bin, or their sharded index's
+    shards; none when it has neither."""
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return [name]
+        index = os.path.join(directory, name + ".index.json")
+        if os.path.isfile(index):
+            return sorted(set(read_json(index)["weight_map"].values()))
+    return []
+
+
 def read_weights(directory: str) -> dict[str, torch.Tensor]:
     """A directory's state dict: model.safetensors or pytorch_model.bin, or their sharded index. Pickles load with
     weights_only=True, so a checkpoint cannot run code."""
     from safetensors.torch import load_file
 
-    files = []
-    for name in WEIGHT_FILES:
-        if os.path.isfile(os.path.join(directory, name)):
-            files = [name]
-            break
-        index = os.path.join(directory, name + ".index.json")
-        if os.path.isfile(index):
-            files = sorted(set(read_json(index)["weight_map"].values()))
-            break
+    files = weight_files(directory)
     if not files:
         raise FileNotFoundError(f"{directory} holds no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index).")
     state = {}
@@ -53,10 +59,35 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def one_dtype(*states: dict) -> tuple[torch.dtype, str | None]:
+    """The floating-point dtype holding most of the checkpoint's values, and a note when some tensors had another:
+    those are cast to it in place, so the model is built in one dtype (as it would be run). Integer tensors stay."""
+    counts = Counter()
+    for state in states:
+        for value in state.values():
+            if value.is_floating_point():
+                counts[value.dtype] += value.numel()
+    if not counts:
+        raise ValueError("The checkpoint holds no floating-point weights.")
+    dtype = counts.most_common(1)[0][0]
+    cast = []
+    for state in states:
+        for key, value in state.items():
+            if value.is_floating_point() and value.dtype != dtype:
+                state[key] = value.to(dtype)
+                cast.append(f"{key} ({str(value.dtype).removeprefix('torch.')})")
+    if not cast:
+        return dtype, None
+    shown = ", ".join(sorted(cast)[:3]) + (f" and {len(cast) - 3} more" if len(cast) > 3 else "")
+    return dtype, (f"The checkpoint mixes float dtypes; {len(cast)} tensors were cast to "
+                   f"{str(dtype).removeprefix('torch.')}, the dtype of most of its weights: {shown}.")
+
+
 def load_strict(module, state: dict, what: str, allowed_missing: tuple[str, ...] = ()) -> None:
-    """Load `state` into `module`; missing or unexpected keys are an error naming them."""
+    """Load `state` into `module`, whose parameters become the state's tensors (no copy; meta parameters are filled);
+    missing or unexpected keys are an error naming them."""
     try:
-        result = module.load_state_dict(state, strict=False)
+        result = module.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # shapes that differ: say which, from torch's own message
         raise ValueError(f"The checkpoint's {what} do not fit leanvlm's: {str(exc)[:600]}") from exc
     missing = [k for k in result.missing_keys if k not in allowed_missing]
@@ -66,10 +97,11 @@ def load_strict(module, state: dict, what: str, allowed_missing: tuple[str, ...]
             raise ValueError(f"The checkpoint's {what} {problem}: {shown}.")
 
 
-def load_part(config: dict, state: dict, causal_lm: bool, what: str):
+def load_part(config: dict, state: dict, causal_lm: bool, what: str, dtype: torch.dtype):
     """A Hugging Face model built from a saved `config` (a causal LM, or an encoder: a two-tower SigLIP/CLIP
-    config gives its vision half) with `state` loaded strictly; a causal LM with tied embeddings may lack its
-    lm_head."""
+    config gives its vision half) in `dtype`, whose parameters are `state`'s tensors (loaded strictly; a causal LM
+    with tied embeddings may lack its lm_head)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = dict(config)
@@ -77,12 +109,17 @@ def load_part(config: dict, state: dict, causal_lm: bool, what: str):
     if model_type is None:
         raise ValueError(f"The {what}'s config has no model_type.")
     part = AutoConfig.for_model(model_type, **config)
-    if causal_lm:
-        model = AutoModelForCausalLM.from_config(part)
-    else:
-        model = AutoModel.from_config(getattr(part, "vision_config", None) or part)
-    tied = ("lm_head.weight",) if causal_lm and model.config.tie_word_embeddings else ()
-    load_strict(model, state, what, tied)
+    # Parameters on the meta device (no memory) until the checkpoint's tensors replace them; buffers the checkpoint
+    # does not hold (rotary inv_freq, position ids) are computed on the CPU as usual.
+    with init_empty_weights(include_buffers=False):
+        if causal_lm:
+            model = AutoModelForCausalLM.from_config(part, dtype=dtype)
+        else:
+            model = AutoModel.from_config(getattr(part, "vision_config", None) or part, dtype=dtype)
+    tied = causal_lm and model.config.tie_word_embeddings
+    load_strict(model, state, what, ("lm_head.weight",) if tied else ())
+    if tied:  # the head still points at the meta embedding that the checkpoint's tensor replaced
+        model.tie_weights()
     return model
 
 

@@ -6,16 +6,25 @@ The released code saves a run in one of two ways:
 - whole: one state dict (possibly sharded) with `language_model.` and `vision_tower._vision_tower.` prefixes, whose
   config.json carries `text_config` and `vision_config`.
 
-Weights are read through safetensors, or from `.bin` pickles with `torch.load(weights_only=True)`. The key names
-that differ from leanvlm's are the table `LAYER_KEYS`; every key the table and the two HF models do not take, and
-every key they need but the checkpoint lacks, is an error that names it.
+Weights are read through safetensors, or from `.bin` pickles with `torch.load(weights_only=True)`, and become the
+model's parameters without a copy, in the dtype of most of them (`one_dtype`). The key names that differ from
+leanvlm's are the table `LAYER_KEYS`; every key the table and the two HF models do not take, and every key they
+need but the checkpoint lacks, is an error that names it.
 """
 
 from __future__ import annotations
 
 import os
 
-from leanvlm.interop.checkpoints import load_part, load_strict, read_json, read_weights, rename, save_imported
+from leanvlm.interop.checkpoints import (
+    load_part,
+    load_strict,
+    one_dtype,
+    read_json,
+    read_weights,
+    rename,
+    save_imported,
+)
 
 # A released LLM key of decoder layer n -> the key in leanvlm's HiMix decoder (`model.decoder`).
 LAYER_KEYS = {
@@ -50,20 +59,20 @@ def read_checkpoint(src: str) -> tuple[dict, dict, dict, dict, dict]:
     return parts["language"], parts["vision"], top["text_config"], top["vision_config"], top
 
 
-def import_himix(src: str, out: str) -> dict:
-    """Convert the released HiMix checkpoint in `src` into a saved leanvlm model + processor in `out`; returns what
-    was set and the files written."""
+def load_himix(src: str) -> tuple:
+    """(leanvlm HiMix model, tokenizer, what was set) of the released HiMix checkpoint in `src`."""
     from transformers import AutoTokenizer
 
     from leanvlm.modeling import LeanVLMForConditionalGeneration
 
     llm_state, vision_state, text_config, vision_config, top = read_checkpoint(src)
+    dtype, dtype_note = one_dtype(llm_state, vision_state)
     plain, decoder_state = rename(llm_state, LAYER_KEYS)
     if not decoder_state:
         raise ValueError(f"{src}: no layer has input_layernorm_img / k_proj_img / v_proj_img; this is not a HiMix "
                          "checkpoint.")
-    llm = load_part(text_config, plain, causal_lm=True, what="language model")
-    vision = load_part(vision_config, vision_state, causal_lm=False, what="vision tower")
+    llm = load_part(text_config, plain, causal_lm=True, what="language model", dtype=dtype)
+    vision = load_part(vision_config, vision_state, causal_lm=False, what="vision tower", dtype=dtype)
     tokenizer_dir = src if os.path.isfile(os.path.join(src, "tokenizer_config.json")) else os.path.join(
         src, "language_model")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -73,6 +82,13 @@ def import_himix(src: str, out: str) -> dict:
     settings = {"vision_feature_layer": top.get("vision_feature_layer", -2), "vision_feature_select": SELECT[select]}
     model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder="himix", tokenizer=tokenizer, **settings)
     load_strict(model.decoder, decoder_state, "HiMix vision K/V layers")
+    notes = [dtype_note] if dtype_note else []
+    return model, tokenizer, {**settings, "layers": len(model.decoder.vision_kv), "notes": notes}
+
+
+def import_himix(src: str, out: str) -> dict:
+    """Convert the released HiMix checkpoint in `src` into a saved leanvlm model + processor in `out`; returns what
+    was set, notes and the files written."""
+    model, tokenizer, report = load_himix(src)
     template = save_imported(model, tokenizer, os.path.join(src, "vision_tower"), out)
-    return {**settings, "template": template, "layers": len(model.decoder.vision_kv),
-            "files": sorted(os.listdir(out))}
+    return {**report, "template": template, "files": sorted(os.listdir(out))}

@@ -5,7 +5,9 @@ sharded) with its config.json: the LLM's own keys, the projector, the crop newli
 `proxyv_start_layer` on, the learned-proxy initializer when `learn_proxy` is set, and the encoder under LLaVA's
 wrapper names. The config names the encoder only by its hub id (`mm_vision_tower`), so the encoder's config comes
 from a local directory (`vision_config`). Widths are read from the tensors, not the config: the released code
-builds the learned initializer at d/4 whatever the config says.
+builds the learned initializer at d/4 whatever the config says. The tensors become the model's parameters without a
+copy, in the dtype of most of them (`one_dtype`). The alignment stage's `mm_projector.bin` alone (no LLM, no
+encoder) is refused with what to import instead.
 
 Layout differences kept as they are: leanvlm puts each crop's newline right after that crop, where the released code
 gives sub-crop newlines positions off by one crop (`NEWLINE_NOTE`).
@@ -15,7 +17,16 @@ from __future__ import annotations
 
 import os
 
-from leanvlm.interop.checkpoints import load_part, load_strict, read_json, read_weights, rename, save_imported
+from leanvlm.interop.checkpoints import (
+    load_part,
+    load_strict,
+    one_dtype,
+    read_json,
+    read_weights,
+    rename,
+    save_imported,
+    weight_files,
+)
 
 # Released key -> key in leanvlm's ProxyV decoder (`model.decoder`).
 DECODER_KEYS = {
@@ -54,9 +65,9 @@ def text_config_of(config: dict) -> dict:
     return {"model_type": family, **{k: v for k, v in config.items() if k in fields}}
 
 
-def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
-    """Convert the released ProxyV checkpoint in `src` (the encoder's config from the directory or config.json
-    `vision_config`) into a saved leanvlm model + processor in `out`; returns what was set and what differs."""
+def load_proxyv(src: str, vision_config: str | None) -> tuple:
+    """(leanvlm ProxyV model, tokenizer, what was set and notes) of the released ProxyV checkpoint in `src`, the
+    encoder's config from the directory or config.json `vision_config`."""
     from transformers import AutoTokenizer
 
     from leanvlm.modeling import LeanVLMForConditionalGeneration
@@ -67,15 +78,21 @@ def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
     if not isinstance(config.get("proxyv_start_layer"), int):
         raise ValueError(f"{src}/config.json has no proxyv_start_layer; the released code always writes it, so the "
                          "file is not a complete ProxyV config.")
+    if not weight_files(src) and os.path.isfile(os.path.join(src, "mm_projector.bin")):
+        raise ValueError(f"{src} holds only mm_projector.bin, what the released code's alignment stage saves (the "
+                         "projector, newline, VisionMLPs and proxy initializer, without the LLM and the encoder). "
+                         "Import the directory its fine-tuning stage saves, which holds the whole model.")
     if vision_config is None:
         raise ValueError(f"The checkpoint names its encoder only as {config.get('mm_vision_tower')!r}; pass that "
                          "encoder's config (a local model directory or its config.json) as vision_config "
                          "(--vision-config).")
     vision_path = vision_config if vision_config.endswith(".json") else os.path.join(vision_config, "config.json")
-    rest, decoder_state = rename(read_weights(src), DECODER_KEYS)
+    state = read_weights(src)
+    dtype, dtype_note = one_dtype(state)
+    rest, decoder_state = rename(state, DECODER_KEYS)
     llm_state, vision_state = rename(rest, VISION_KEYS)
-    llm = load_part(text_config_of(config), llm_state, causal_lm=True, what="language model")
-    vision = load_part(read_json(vision_path), vision_state, causal_lm=False, what="vision tower")
+    llm = load_part(text_config_of(config), llm_state, causal_lm=True, what="language model", dtype=dtype)
+    vision = load_part(read_json(vision_path), vision_state, causal_lm=False, what="vision tower", dtype=dtype)
     select = config.get("mm_vision_select_feature", "patch")
     if select not in SELECT:
         raise ValueError(f"mm_vision_select_feature={select!r}; the released code uses one of {list(SELECT)}.")
@@ -94,10 +111,20 @@ def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
     }
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ValueError(f"mm_projector_type={config['mm_projector_type']!r}: leanvlm's ProxyV takes mlp2x_gelu.")
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    # The LLM's config, not the LLaVA config.json beside the tokenizer: transformers cannot build that one, and
+    # reading it raises deprecations for the 4.x fields it carries (rope_scaling)
+    tokenizer = AutoTokenizer.from_pretrained(src, config=llm.config)
     model = LeanVLMForConditionalGeneration.from_parts(llm, vision, decoder="proxyv", tokenizer=tokenizer,
                                                        **settings)
     load_strict(model.decoder, decoder_state, "ProxyV modules")
-    template = save_imported(model, tokenizer, vision_config if not vision_config.endswith(".json") else None, out)
-    notes = [NEWLINE_NOTE] if settings["max_crops"] > 1 else []
-    return {**settings, "template": template, "notes": notes, "files": sorted(os.listdir(out))}
+    notes = [note for note in (dtype_note, NEWLINE_NOTE if settings["max_crops"] > 1 else None) if note]
+    return model, tokenizer, {**settings, "notes": notes}
+
+
+def import_proxyv(src: str, out: str, vision_config: str | None = None) -> dict:
+    """Convert the released ProxyV checkpoint in `src` (the encoder's config from the directory or config.json
+    `vision_config`) into a saved leanvlm model + processor in `out`; returns what was set and what differs."""
+    model, tokenizer, report = load_proxyv(src, vision_config)
+    image_processor_dir = None if vision_config.endswith(".json") else vision_config
+    template = save_imported(model, tokenizer, image_processor_dir, out)
+    return {**report, "template": template, "files": sorted(os.listdir(out))}

@@ -195,7 +195,8 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float
 
 def full_state_dict(model) -> dict:
     """The model's whole state dict, also when FSDP2 has sharded its parameters into DTensors: then every process
-    must call this (the shards are gathered, onto the CPU); otherwise it is the plain `state_dict()`."""
+    must call this (the shards are gathered, onto the CPU; tied parameters such as tied word embeddings share one
+    tensor, as in the plain state dict); otherwise it is the plain `state_dict()`."""
     from torch.distributed.tensor import DTensor
 
     if any(hasattr(p, "ds_id") for p in model.parameters()) or any(
@@ -206,7 +207,14 @@ def full_state_dict(model) -> dict:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Each name of a tied parameter is gathered into its own copy; one tensor again lets save_pretrained drop the tied
+    # names (lm_head.weight) as it does for an unsharded model, instead of storing the weights twice.
+    first = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state:
+            state[name] = state[first.setdefault(id(param), name)]
+    return state
 
 
 def check_checkpoint_files(checkpoint: str) -> None:
