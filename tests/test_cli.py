@@ -65,16 +65,17 @@ def test_choices_come_from_the_registries(tmp_path):
     out = ["--out", str(tmp_path / "out")]
     flops = ["flops", "--llm", "qwen2-0.5b", "--vision", "clip-l-336", "--text-tokens", "8"]
     encode = ["data", "encode", "--data", "a.json", "--vision", "dinov2-s14", *out]
-    for command, choices in [(["demo", *out, "--decoder", "fastv"], leanvlm.DECODERS),
-                             ([*flops, "--decoder", "fastv"], leanvlm.DECODERS),
-                             ([*flops, "--convention", "fastv"], CONVENTIONS),
-                             (["bench", *out, "--dtype", "fastv"], DTYPES),
-                             ([*encode, "--select", "fastv"], VISION_FEATURE_SELECTS)]:
+    for command, choices in [(["demo", *out, "--decoder", "no_such_policy"], leanvlm.DECODERS),
+                             ([*flops, "--decoder", "no_such_policy"], leanvlm.DECODERS),
+                             ([*flops, "--convention", "no_such_policy"], CONVENTIONS),
+                             (["bench", *out, "--dtype", "no_such_policy"], DTYPES),
+                             ([*encode, "--select", "no_such_policy"], VISION_FEATURE_SELECTS)]:
         text = message(CliRunner().invoke(app, command))
-        assert f"'fastv': choose one of {', '.join(choices)}" in text, command
+        assert f"'no_such_policy': choose one of {', '.join(choices)}" in text, command
     for command in (["bench", *out], ["compare", *out]):  # decoders with options: the variant parser's message
-        text = message(CliRunner().invoke(app, [*command, "--decoder", "fastv+tome_r=2"]))
-        assert "'fastv+tome_r=2': a variant starts with" in text and all(name in text for name in leanvlm.DECODERS)
+        text = message(CliRunner().invoke(app, [*command, "--decoder", "no_such_policy+tome_r=2"]))
+        assert "'no_such_policy+tome_r=2': a variant starts with" in text
+        assert all(name in text for name in leanvlm.DECODERS)
     assert not (tmp_path / "out").exists()
 
 

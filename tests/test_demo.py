@@ -54,8 +54,8 @@ def test_compare_report_and_variants(tmp_path):
 
     assert parse_variant("vanilla+probe_skip_vision_ffn_from_layer=2") == (
         "vanilla+probe_skip_vision_ffn_from_layer=2", "vanilla", {"probe_skip_vision_ffn_from_layer": 2})
-    with pytest.raises(ValueError, match="starts with vanilla, himix or proxyv"):
-        parse_variant("fastv")
+    with pytest.raises(ValueError, match="'no_such_policy': a variant starts with vanilla, himix, proxyv"):
+        parse_variant("no_such_policy")
     models = {"vanilla": build("vanilla"), "himix": build("himix")}
     image_id = models["vanilla"].config.image_token_id
     batch = {"input_ids": torch.tensor([[5, image_id, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),

@@ -45,7 +45,7 @@ def test_forward_returns_every_field_by_name_key_and_position(decoder):
     # None fields drop out of the tuple and the mapping, as in every HF output
     assert list(out.keys()) == [name for name in FIELDS if getattr(out, name) is not None]
     assert out.to_tuple()[0] is out.loss and out[1] is out.logits
-    if decoder == "himix":  # vision tokens never enter the sequence
+    if not DECODERS[decoder].keeps_vision_tokens:  # vision tokens never enter the sequence
         assert out.vision_mask is None
     else:
         assert out.vision_mask.shape == out.attention_mask.shape and out.vision_mask.any()

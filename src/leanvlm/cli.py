@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from leanvlm.config import VISION_FEATURE_SELECTS
-from leanvlm.decoders import BASELINE, DECODERS
+from leanvlm.decoders import BASELINE, DECODERS, HEADLINE
 from leanvlm.demo import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
 from leanvlm.eval.lmms_task import TASK
 from leanvlm.eval.metrics import SCORES
@@ -173,7 +173,7 @@ def bench(
                                **one_of(VISION_PRESETS)),
     model: Path = typer.Option(None, help="A saved leanvlm model whose LLM and encoder replace the presets.",
                                callback=saved_model),
-    decoder: list[str] = typer.Option(list(DECODERS), parser=decoder_variant,
+    decoder: list[str] = typer.Option(list(HEADLINE), parser=decoder_variant,
                                       help="Decoders to compare (repeatable); add model options with +key=value, e.g. "
                                            "himix+tome_r=8."),
     text_tokens: int = typer.Option(64, min=1, help="Text tokens after the image."),
@@ -243,7 +243,7 @@ def demo(
 @app.command()
 @user_errors("finished variants are in {out}/compare.json")
 def compare(
-    variant: list[str] = typer.Option(list(DECODERS), "--decoder", parser=decoder_variant,
+    variant: list[str] = typer.Option(list(HEADLINE), "--decoder", parser=decoder_variant,
                                       help="Decoder to train (repeatable); add options with +key=value, e.g. "
                                            "vanilla+probe_skip_vision_ffn_from_layer=15."),
     out: Path = typer.Option(Path("leanvlm-compare"), help="Output directory (models, compare.json/.md/.png)."),
@@ -444,6 +444,10 @@ def eval_command(
     metric: str = typer.Option("exact_match", help="exact_match; vqa (VQAv2 soft accuracy over a record's "
                                "'answers'); anls (over 'answers'); multiple_choice (the option letter named, over "
                                "'options').", **one_of(SCORES)),
+    decoder: str = typer.Option(None, parser=decoder_variant,
+                                help="Run the saved weights under another decoder policy with the same parameters, "
+                                     "with options: a trained vanilla model as pool+keep_tokens=16, divprune, "
+                                     "random, vica or vanilla+frozen_vision_layers=[8,9]."),
 ) -> None:
     """Greedy answers to each record's last question, asked with the conversation template the model was trained
     with, scored by exact match (or --metric) overall and per family. Prints a table and writes JSON."""
@@ -454,7 +458,7 @@ def eval_command(
 
     console = Console()
     result = exact_match.run(str(model_dir), str(data), str(image_root) if image_root else None, batch_size,
-                             max_new_tokens, max_samples, console, metric)
+                             max_new_tokens, max_samples, console, metric, decoder)
     write_json(str(out), result)
     exact_match.render(result, console, str(out))
 
@@ -582,7 +586,7 @@ def loadtest(
             raise typer.BadParameter(f"{text!r}: give comma-separated whole numbers", param_hint=name) from error
 
     console = Console()
-    settings = lt.LoadSettings(llm=llm, vision=vision, decoders=decoder or list(DECODERS), requests=requests,
+    settings = lt.LoadSettings(llm=llm, vision=vision, decoders=decoder or list(HEADLINE), requests=requests,
                                concurrency=numbers(concurrency, "--concurrency"),
                                max_tokens=numbers(max_tokens, "--max-tokens"),
                                images=[part.strip() for part in images.split(",") if part.strip()], dtype=dtype,

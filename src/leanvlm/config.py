@@ -74,11 +74,20 @@ class LeanVLMConfig(PreTrainedConfig):
     proxyv_reduce_factor: int = 4
     proxyv_proxy_init: str = "spatial"
     proxyv_mlp_width: int | None = None
-    # The vanilla decoder's redundancy probes (`VanillaOptions`):
+    # The vanilla decoder's frozen vision layers and redundancy probes (`VanillaOptions`):
+    frozen_vision_layers: list[int] | None = None
     probe_mask_vision_to_vision_from_layer: int | None = None
     probe_skip_vision_attention_from_layer: int | None = None
     probe_skip_vision_ffn_from_layer: int | None = None
     probe_vision_light_mlp: bool = False
+
+    # Token reduction before the LLM (random, pool, divprune; `ReductionOptions`): vision tokens kept per crop, or the
+    # fraction of each crop's tokens kept instead; random's seed for the kept positions (`RandomOptions`).
+    keep_tokens: int = 64
+    keep_ratio: float | None = None
+    random_seed: int = 0
+    # ViCA (`ViCAOptions`): the decoder layers whose text attends to the vision tokens (None: every fourth).
+    vica_layers: list[int] | None = None
 
     tie_word_embeddings: bool = False
 

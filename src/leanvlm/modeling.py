@@ -73,11 +73,12 @@ class LeanVLMPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         if os.path.isdir(str(pretrained_model_name_or_path)):
             check_weight_files(str(pretrained_model_name_or_path))
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading info)
         # transformers reads generation_config.json only for GenerationMixin models; read it here.
         if os.path.isfile(os.path.join(str(pretrained_model_name_or_path), GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
-        return model
+        return loaded
 
     def _init_weights(self, module):
         # New vision-side modules (connector, HiMix vision K/V, ProxyV MLPs): Linear and RMSNorm layers as the LLM's
@@ -242,8 +243,9 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         return self.context_from_features(features, crops, grid)
 
     def context_from_features(self, features: dict, image_crops=None, grid=None) -> ImageContext:
-        """An image context from encoder features {layer: (n_crops, N, d_v)} (e.g. from the feature cache). Without
-        `grid`, square crops are assumed: the N tokens form a sqrt(N) x sqrt(N) patch grid when N is a square."""
+        """An image context from encoder features {layer: (n_crops, N, d_v)} (e.g. from the feature cache). `grid` is
+        the patch grid of each crop's N features; without it, square crops are assumed: the N features form a
+        sqrt(N) x sqrt(N) grid when N is a square. The context's grid is that of the tokens the decoder keeps."""
         missing = [layer for layer in self.config.feature_layers if layer not in features]
         if missing:
             raise ValueError(f"vision_features lacks encoder layer(s) {missing}; this model reads "
@@ -253,9 +255,11 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         tokens = self.decoder.project_images(
             {layer: features[layer].to(device, dtype) for layer in self.config.feature_layers}
         )
+        num_features = features[self.config.feature_layers[0]].shape[1]
         if grid is None and not self.config.tome_r:  # merged tokens form no grid
-            side = math.isqrt(tokens.shape[-2])
-            grid = (side, side) if side * side == tokens.shape[-2] else None
+            side = math.isqrt(num_features)
+            grid = (side, side) if side * side == num_features else None
+        tokens, grid = self.decoder.reduce_tokens(tokens, grid)
         crops = None if image_crops is None else [int(c) for c in torch.as_tensor(image_crops).flatten().tolist()]
         return ImageContext(self.config.decoder, tokens, crops, grid)
 
@@ -379,7 +383,8 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
             # lm_head only where a next token is scored (never on vision rows): the full logits of a vanilla
             # sequence would dominate a training step's time and memory.
             targets = inputs.labels[:, 1:]
-            scored = targets != IGNORE_INDEX
+            # a prompt's first token has nothing before it to be predicted from (a padding row is no context)
+            scored = (targets != IGNORE_INDEX) & inputs.valid[:, :-1]
             scored_logits = self.language_model.lm_head(hidden[:, :-1][scored])
             loss = F.cross_entropy(scored_logits.float(), targets[scored], reduction="sum") / scored.sum().clamp(min=1)
         logits = None

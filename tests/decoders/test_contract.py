@@ -109,11 +109,13 @@ def test_flags_match_the_layout(name, preset):
     keeps = DECODERS[name].keeps_vision_tokens
     assert (out.vision_mask is not None and bool(out.vision_mask.any())) == keeps
     images = torch.tensor([len(row) for row in images_per_row])
-    # kept: each placeholder becomes its image's tokens in place; otherwise the placeholders leave the text alone
-    expected = mask.sum(dim=1) + (images * (TOKENS_PER_CROP - 1) if keeps else -images)
+    # kept: each placeholder becomes its image's tokens in place (as many as its context holds, fewer than the
+    # encoder's under a token reduction); otherwise the placeholders leave the text alone
+    per_crop = model.encode_images(pixels(1)).tokens.shape[1] if keeps else 0
+    expected = mask.sum(dim=1) + (images * (per_crop - 1) if keeps else -images)
     assert out.attention_mask.sum(dim=1).tolist() == expected.tolist()
     if keeps:
-        assert out.vision_mask.sum(dim=1).tolist() == (images * TOKENS_PER_CROP).tolist()
+        assert out.vision_mask.sum(dim=1).tolist() == (images * per_crop).tolist()
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

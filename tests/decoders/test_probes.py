@@ -83,7 +83,7 @@ def test_skip_ffn_probe_changes_vision_states_only_through_attention():
 
 
 def test_probes_belong_to_vanilla():
-    with pytest.raises(ValueError, match="probes of the vanilla decoder"):
+    with pytest.raises(ValueError, match="a vanilla option"):
         build("himix", probe_mask_vision_to_vision_from_layer=1)
     with pytest.raises(ValueError, match="set that layer too"):
         build("vanilla", probe_vision_light_mlp=True)

@@ -177,8 +177,26 @@ def test_eval_command_prints_a_table_and_writes_the_library_result(data, model_d
     model = LeanVLMForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = LeanVLMProcessor.from_pretrained(model_dir)
     library = evaluate(model, processor, RECORDS[:4], str(data.parent), max_new_tokens=3, progress=False)
-    assert written == {"model": str(model_dir), "data": str(data), **library}
+    assert written == {"model": str(model_dir), "decoder": "vanilla", "data": str(data), **library}
     assert written["template"] == "vicuna_v1" and len(written["predictions"]) == 4
+
+
+def test_eval_runs_a_saved_vanilla_model_under_a_token_reduction_and_refuses_other_parameters(data, model_dir,
+                                                                                             tmp_path):
+    out = tmp_path / "pool.json"
+    args = ["eval", str(model_dir), "--data", str(data), "--max-new-tokens", "3", "--max-samples", "4"]
+    result = CliRunner().invoke(app, [*args, "--decoder", "pool+keep_tokens=4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    model = LeanVLMForConditionalGeneration.from_pretrained(model_dir, decoder="pool", keep_tokens=4).eval()
+    library = evaluate(model, LeanVLMProcessor.from_pretrained(model_dir), RECORDS[:4], str(data.parent),
+                       max_new_tokens=3, progress=False)
+    assert written == {"model": str(model_dir), "decoder": "pool+keep_tokens=4", "data": str(data), **library}
+    assert model.encode_images(torch.zeros(1, 3, 32, 32)).tokens.shape[1] == 4  # the reduction ran
+    refused = CliRunner().invoke(app, [*args, "--decoder", "himix", "--out", str(tmp_path / "himix.json")])
+    message = error(refused)
+    assert "cannot run as himix: its parameters differ" in message and "missing keys: decoder.vision_kv" in message
+    assert not (tmp_path / "himix.json").exists()
 
 
 def error(result) -> str:

@@ -8,6 +8,7 @@ from tiny import build, pixels, prompt
 from typer.testing import CliRunner
 
 from leanvlm.cli import app
+from leanvlm.decoders import DECODERS
 from leanvlm.measure.flops import Convention, LLMShape, VisionShape, decode_flops, decoder_flops, measured_flops
 
 
@@ -94,3 +95,26 @@ def test_flops_cli_prints_one_json_object(tmp_path):
     assert table.exit_code == 0 and "himix" in table.output and "proxyv" in table.output
     bad = CliRunner().invoke(app, ["flops", "--llm", "gpt-9", "--vision", "clip-l-336", "--text-tokens", "8"])
     assert bad.exit_code != 0 and "qwen2-0.5b" in bad.output
+
+
+@pytest.mark.parametrize("decoder,options", [
+    ("random", {"keep_tokens": 64}), ("pool", {"keep_tokens": 70}), ("divprune", {"keep_ratio": 64 / 576}),
+])
+def test_a_token_reduction_runs_the_layers_on_the_kept_tokens_and_the_connector_on_all(decoder, options):
+    """576 CLIP tokens cut to 64 (pool: 70 pools to 8 x 8): vanilla's layers at 64 vision tokens, vanilla's connector
+    at 576, and DivPrune's similarities of every token pair; a budget of every token is vanilla exactly."""
+    full = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "vanilla")
+    kept = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "vanilla", vision_tokens=64)
+    similarity = {"similarity": 2 * 576 * 576 * 896} if decoder == "divprune" else {}
+    expected = {**kept["breakdown"], "connector": full["breakdown"]["connector"], **similarity}
+    assert decoder_flops("qwen2-0.5b", "clip-l-336", 64, decoder, **options)["breakdown"] == expected
+    whole = decoder_flops("qwen2-0.5b", "clip-l-336", 64, decoder, keep_tokens=576)
+    assert whole["breakdown"] == full["breakdown"]
+
+
+def test_the_flops_table_lists_every_decoder():
+    result = CliRunner().invoke(app, ["flops", "--llm", "qwen2-0.5b", "--vision", "siglip-so400m-384",
+                                      "--text-tokens", "64", "--option", "keep_tokens=100"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[1] for line in result.output.splitlines() if line.startswith("│")]
+    assert set(DECODERS) <= set(rows)

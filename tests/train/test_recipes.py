@@ -32,6 +32,10 @@ POLICY_GROUPS = {
     "vanilla": {"connector", "image_newline", "probe_light_mlps"},
     "himix": {"vision_kv"},
     "proxyv": {"connector", "image_newline", "vision_mlps", "proxy_init"},
+    "random": {"connector", "image_newline"},
+    "pool": {"connector", "image_newline"},
+    "divprune": {"connector", "image_newline"},
+    "vica": {"connector"},
 }
 PARTS = {"language_model", "vision_model"}
 
@@ -201,6 +205,8 @@ def test_group_table_matches_the_decoders():
         "himix": {},
         "proxyv": {"image_newline": True, "proxyv_proxy_init": "learned", "proxyv_start_layer": 1,
                    "proxyv_reduce_factor": 2},
+        **{name: {"image_newline": True} for name in ("random", "pool", "divprune")},
+        "vica": {},
     }
     assert set(POLICY_GROUPS) == set(DECODERS)
     for decoder, groups in POLICY_GROUPS.items():

@@ -8,17 +8,28 @@ from dataclasses import fields
 
 from leanvlm.decoders.base import DecoderPolicy, ImageContext, PolicyOptions, Preset
 from leanvlm.decoders.cache import KVCache
+from leanvlm.decoders.divprune import DivPruneDecoder
 from leanvlm.decoders.himix import HiMixDecoder
+from leanvlm.decoders.pool import PoolDecoder
 from leanvlm.decoders.proxyv import ProxyVDecoder
+from leanvlm.decoders.random import RandomDecoder
 from leanvlm.decoders.vanilla import VanillaDecoder
+from leanvlm.decoders.vica import ViCADecoder
 
 DECODERS: dict[str, type[DecoderPolicy]] = {
     VanillaDecoder.name: VanillaDecoder,
     HiMixDecoder.name: HiMixDecoder,
     ProxyVDecoder.name: ProxyVDecoder,
+    RandomDecoder.name: RandomDecoder,
+    PoolDecoder.name: PoolDecoder,
+    DivPruneDecoder.name: DivPruneDecoder,
+    ViCADecoder.name: ViCADecoder,
 }
 # The reference every report compares against: LLaVA decoding with all tokens in every layer.
 BASELINE = VanillaDecoder.name
+# What `bench`, `compare` and `loadtest` run unless told otherwise: the baseline and the two methods leanvlm is
+# built around; the other policies are named with --decoder.
+HEADLINE = (VanillaDecoder.name, HiMixDecoder.name, ProxyVDecoder.name)
 
 
 def check_decoder_name(name: str) -> None:
@@ -43,6 +54,7 @@ def build_decoder(config, language_model) -> DecoderPolicy:
 __all__ = [
     "BASELINE",
     "DECODERS",
+    "HEADLINE",
     "DecoderPolicy",
     "ImageContext",
     "KVCache",

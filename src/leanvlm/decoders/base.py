@@ -20,8 +20,8 @@ class ImageContext:
 
     `tokens` is stacked over crops (image i has `crops[i]` consecutive rows; single-crop images have one):
     policies with vision tokens in the sequence hold the projected tokens (n_crops, N, d); himix holds the vision
-    keys and values of every layer that has them (n_crops, vision layers, 2, H_kv, N, head_dim). `grid` is the (rows, cols) patch grid of one
-    crop's N tokens when they form one.
+    keys and values of every layer that has them (n_crops, vision layers, 2, H_kv, N, head_dim). `grid` is the
+    (rows, cols) patch grid of one crop's N tokens when they form one.
     """
 
     decoder: str
@@ -112,6 +112,17 @@ class PolicyOptions:
         return [f.name for f in fields(self) if getattr(self, f.name) != _default(f)]
 
 
+def layer_set(option: str, layers, num_layers: int) -> list[int]:
+    """A policy option that names decoder layers, checked (a non-empty list of distinct indices in 0..L-1) and
+    sorted."""
+    if (not isinstance(layers, list | tuple) or not layers
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < num_layers for x in layers)
+            or len(set(layers)) < len(layers)):
+        raise ValueError(f"{option} must be a non-empty list of distinct decoder layer indices in 0..{num_layers - 1}"
+                         f", got {layers!r}.")
+    return sorted(layers)
+
+
 def _default(option) -> object:
     return option.default if option.default_factory is MISSING else option.default_factory()
 
@@ -162,6 +173,13 @@ class DecoderPolicy(nn.Module):
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Vision-encoder features {encoder layer: (n_images, N, d_v)} -> `ImageContext.tokens`."""
         raise NotImplementedError
+
+    def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
+        """`project_images`' tokens (n_crops, N, ...) and the (rows, cols) patch grid each crop's N tokens form (None
+        when they form none) -> the tokens the decoder reads and the grid those form. Every token by default;
+        token-reduction policies select or pool here, where images become an `ImageContext`, so that cached contexts
+        and cached encoder features serve them as they serve the others."""
+        return tokens, grid
 
     def build_inputs(
         self,

@@ -34,7 +34,7 @@ class DecoderCache(Protocol):
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
-    def end(self, valid: torch.Tensor) -> None: ...
+    def end(self, valid: torch.Tensor, positions: torch.Tensor) -> None: ...
 
     # what an engine needs to run a changing batch
     def row_lengths(self) -> torch.Tensor: ...
@@ -69,11 +69,14 @@ class KVCache:
         self._start, self._upcoming = self.length, upcoming
         self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
 
-    def end(self, valid: torch.Tensor) -> None:
-        """Close the block; positions advance by the valid tokens it held."""
+    def end(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
+        """Close the block, whose tokens had `positions` (B, T): the next one follows each row's last (blocks are
+        padded on the left, so a row's last slot is its last token); a row with no token in the block keeps its
+        next position. Positions may skip what the sequence does not hold, such as vica's vision tokens."""
         self.length = self.key_valid.shape[1]
-        counted = valid.sum(dim=1)
-        self.next_position = counted if self.next_position is None else self.next_position + counted
+        held = valid.any(dim=1)
+        before = self.next_position if self.next_position is not None else torch.zeros_like(positions[:, -1])
+        self.next_position = torch.where(held, positions[:, -1] + 1, before)
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write key/value (B, H_kv, T, D) into the open block; return all keys/values so far (views)."""

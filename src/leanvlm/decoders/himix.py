@@ -22,6 +22,7 @@ from leanvlm.decoders.base import (
     PolicyOptions,
     Preset,
     VisionPrefix,
+    layer_set,
     left_pad,
     positions_from_valid,
 )
@@ -86,14 +87,8 @@ class HiMixOptions(PolicyOptions):
     def resolved(self, num_layers: int) -> HiMixOptions:
         vision_layers = num_layers
         if self.himix_layers is not None:
-            layers = self.himix_layers
-            if (not isinstance(layers, list | tuple) or not layers or not all(isinstance(x, int) for x in layers)
-                    or len(set(layers)) < len(layers) or not all(0 <= x < num_layers for x in layers)):
-                raise ValueError(
-                    f"himix_layers must be a non-empty list of distinct decoder layer indices in 0..{num_layers - 1}"
-                    f", got {layers!r}."
-                )
-            self.himix_layers, vision_layers = sorted(layers), len(layers)
+            self.himix_layers = layer_set("himix_layers", self.himix_layers, num_layers)
+            vision_layers = len(self.himix_layers)
         if self.himix_feature_layers is not None:
             layers = list(self.himix_feature_layers)
             if not layers or not all(isinstance(x, int) for x in layers):

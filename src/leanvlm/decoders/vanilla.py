@@ -1,6 +1,8 @@
 """`vanilla`: LLaVA-style decoding. Each `<image>` placeholder is replaced by that image's projected vision tokens
 (crop by crop, each crop optionally followed by a learned newline embedding) and the whole sequence runs through
-every decoder layer with a causal mask."""
+every decoder layer with a causal mask. Training-free options make the vision rows skip work in chosen layers
+(frozen vision layers, ShortV-style; the redundancy probes): those layers run the skipped parts on the other rows
+only, so the skip saves what it claims."""
 
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ from leanvlm.decoders.base import (
     ImageContext,
     PolicyOptions,
     Preset,
+    layer_set,
     positions_from_valid,
 )
 from leanvlm.decoders.connector import build_connector
 from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
-from leanvlm.decoders.layer import attention_update, project_qkv
+from leanvlm.decoders.layer import Rows, attention_update, layer_forward, project_kv, project_q, project_qkv
 from leanvlm.decoders.llm import decoder_layers
 
 
@@ -45,16 +48,21 @@ class LightVisionMLP(nn.Module):
 
 @dataclass
 class VanillaOptions(PolicyOptions):
-    """Redundancy probes (None = off), each from the given decoder layer on: vision queries cannot see vision keys;
-    vision tokens take no attention update; vision tokens skip the FFN, or with `probe_vision_light_mlp` skip
-    attention and FFN for a trainable d -> d/4 -> d/4 -> d MLP (residual + RMSNorm)."""
+    """`frozen_vision_layers`: decoder layers in which the vision tokens pass through unchanged (no query, attention
+    update or FFN) while still giving keys/values to the text (None = none). Redundancy probes (None = off), each from
+    the given decoder layer on: vision queries cannot see vision keys; vision tokens take no attention update; vision
+    tokens skip the FFN, or with `probe_vision_light_mlp` skip attention and FFN for a trainable d -> d/4 -> d/4 -> d
+    MLP (residual + RMSNorm). Skipping attention and FFN from the same layer s is freezing the layers s.. ."""
 
+    frozen_vision_layers: list[int] | None = None
     probe_mask_vision_to_vision_from_layer: int | None = None
     probe_skip_vision_attention_from_layer: int | None = None
     probe_skip_vision_ffn_from_layer: int | None = None
     probe_vision_light_mlp: bool = False
 
     def resolved(self, num_layers: int) -> VanillaOptions:
+        if self.frozen_vision_layers is not None:
+            self.frozen_vision_layers = layer_set("frozen_vision_layers", self.frozen_vision_layers, num_layers)
         for name in ("probe_mask_vision_to_vision_from_layer", "probe_skip_vision_attention_from_layer",
                      "probe_skip_vision_ffn_from_layer"):
             layer = getattr(self, name)
@@ -65,20 +73,43 @@ class VanillaOptions(PolicyOptions):
                              "probe_skip_vision_ffn_from_layer on; set that layer too.")
         return self
 
+    def vision_skips(self, num_layers: int) -> tuple[set[int], set[int]]:
+        """The layers (of the first `num_layers`) in which the vision rows skip their query, attention update and
+        o_proj, and those in which they skip the FFN."""
+        def from_layer(start: int | None) -> set[int]:
+            return set() if start is None else set(range(start, num_layers))
+
+        frozen = {layer for layer in self.frozen_vision_layers or () if layer < num_layers}
+        ffn = frozen | from_layer(self.probe_skip_vision_ffn_from_layer)
+        attention = frozen | from_layer(self.probe_skip_vision_attention_from_layer)
+        if self.probe_vision_light_mlp:  # the light MLP replaces both
+            attention |= from_layer(self.probe_skip_vision_ffn_from_layer)
+        return attention, ffn
+
+
+@dataclass
+class VanillaInputs(DecoderInputs):
+    """Vanilla's layout of a prefill. With vision tokens and layers in which they skip work, also the rows that keep
+    computing there (None otherwise)."""
+
+    text_rows: Rows | None = None  # valid non-vision rows: text and crop newlines
+    vision_rows: Rows | None = None  # for the light MLPs of the probe
+
 
 class VanillaDecoder(DecoderPolicy):
     name = "vanilla"
     Options = VanillaOptions
-    options_are = "probes of the vanilla decoder"
+    options_are = "a vanilla option (frozen vision layers, redundancy probes)"
     groups = ("connector", "image_newline", "probe_light_mlps")
-    # Probes from layer 1 exist at any depth. Their analytic count is what skipping the vision rows would save;
-    # leanvlm's probes compute those rows and discard them, so counted and measured FLOPs differ on purpose.
+    # Layer sets that exist at any depth (tiny test models have 3 layers). The skipping variants run the skipped
+    # parts on the other rows only, so their analytic count is what runs. The vision-to-vision mask is not: the dense
+    # attention kernel still computes the masked pairs, which its count leaves out.
     presets: ClassVar[dict[str, Preset]] = {
+        "frozen_vision_layers": Preset({"frozen_vision_layers": [0, 2]}),
         "probe_mask_vision_to_vision": Preset({"probe_mask_vision_to_vision_from_layer": 1}, flops_exact=False),
-        "probe_skip_vision_attention": Preset({"probe_skip_vision_attention_from_layer": 1}, flops_exact=False),
-        "probe_skip_vision_ffn": Preset({"probe_skip_vision_ffn_from_layer": 1}, flops_exact=False),
-        "probe_light_mlp": Preset({"probe_skip_vision_ffn_from_layer": 1, "probe_vision_light_mlp": True},
-                                  flops_exact=False),
+        "probe_skip_vision_attention": Preset({"probe_skip_vision_attention_from_layer": 1}),
+        "probe_skip_vision_ffn": Preset({"probe_skip_vision_ffn_from_layer": 1}),
+        "probe_light_mlp": Preset({"probe_skip_vision_ffn_from_layer": 1, "probe_vision_light_mlp": True}),
     }
 
     def __init__(self, config, language_model: nn.Module):
@@ -94,17 +125,18 @@ class VanillaDecoder(DecoderPolicy):
         width = config.text_config.hidden_size
         # LLaVA-NeXT's init for the newline vector: N(0, 1/d).
         self.image_newline = nn.Parameter(torch.randn(width) * width**-0.5) if config.uses_image_newline else None
-        # Redundancy probes (vanilla only; None = off).
-        self.probe_mask_from = config.probe_mask_vision_to_vision_from_layer
-        self.probe_skip_attention_from = config.probe_skip_vision_attention_from_layer
-        self.probe_skip_ffn_from = config.probe_skip_vision_ffn_from_layer
+        # Frozen vision layers and redundancy probes (vanilla's options; policies built on vanilla leave them off).
+        options = VanillaDecoder.options_from(config)
+        layers = decoder_layers(language_model)
+        self.skip_attention, self.skip_ffn = options.vision_skips(len(layers))
+        self.probe_mask_from = options.probe_mask_vision_to_vision_from_layer
+        self.light_from = None
         self.light_mlps = None
-        if config.probe_vision_light_mlp:
-            layers = decoder_layers(language_model)
+        if options.probe_vision_light_mlp:
+            self.light_from = min(options.probe_skip_vision_ffn_from_layer, len(layers))
             norm_class, eps = type(layers[0].input_layernorm), config.text_config.rms_norm_eps
             self.light_mlps = nn.ModuleList(
-                LightVisionMLP(width, norm_class(width, eps=eps))
-                for _ in range(min(self.probe_skip_ffn_from, len(layers)), len(layers))
+                LightVisionMLP(width, norm_class(width, eps=eps)) for _ in range(self.light_from, len(layers))
             )
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -132,31 +164,27 @@ class VanillaDecoder(DecoderPolicy):
         return shape.vision_tokens * (shape.vision_width * shape.llm.hidden + shape.llm.hidden**2)
 
     @staticmethod
-    def dense_layers(cost: LayerCost, shape: PrefillShape, layers: int, probes: VanillaOptions) -> None:
-        """The first `layers` layers over all n + m tokens, with what the active probes would save."""
+    def dense_layers(cost: LayerCost, shape: PrefillShape, layers: int, options: VanillaOptions) -> None:
+        """The first `layers` layers over all n + m tokens: K/V on every row; where the vision rows skip attention,
+        q/o and attention on the m other rows only, where they skip the FFN, the FFN on those m rows. The
+        vision-to-vision mask's pairs are left out, though the dense kernel computes them."""
         n, m, d = shape.vision_tokens, shape.text_tokens, shape.llm.hidden
         t = n + m
         full = shape.full_attention
         dense_pairs = t * t if full else causal_pairs(t)
         vision_query_pairs = n * t if full else causal_pairs(n)  # vision queries (image first)
         vision_vision_pairs = n * n if full else causal_pairs(n)
-        light_from = probes.probe_skip_vision_ffn_from_layer if probes.probe_vision_light_mlp else None
-
-        def active(start: int | None, index: int) -> bool:
-            return start is not None and index >= start
-
+        skip_attention, skip_ffn = options.vision_skips(layers)
+        mask_from = options.probe_mask_vision_to_vision_from_layer
+        light_from = options.probe_skip_vision_ffn_from_layer if options.probe_vision_light_mlp else None
         for index in range(layers):
-            rows_q, pairs, rows_ffn = t, dense_pairs, t
-            if active(probes.probe_skip_vision_attention_from_layer, index) or active(light_from, index):
-                rows_q, pairs = m, pairs - vision_query_pairs
-            elif active(probes.probe_mask_vision_to_vision_from_layer, index):
+            rows_q, pairs = (m, dense_pairs - vision_query_pairs) if index in skip_attention else (t, dense_pairs)
+            if index not in skip_attention and mask_from is not None and index >= mask_from:
                 pairs -= vision_vision_pairs
-            if active(probes.probe_skip_vision_ffn_from_layer, index):
-                rows_ffn = m
-            if active(light_from, index):
+            if light_from is not None and index >= light_from:
                 quarter = d // 4
                 cost.add("probe_light_mlps", n * (2 * d * quarter + quarter**2))
-            cost.layer(rows_q, t, pairs, rows_ffn)
+            cost.layer(rows_q, t, pairs, m if index in skip_ffn else t)
 
     def project_images(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.connector(features[self.feature_layer])  # (n_images, N, d)
@@ -211,7 +239,8 @@ class VanillaDecoder(DecoderPolicy):
         crop_counts = None
         if context is not None:
             crop_counts = [[context.crops[image] for image in images] for images in images_per_sample]
-        return DecoderInputs(
+        skips = bool(order) and bool(self.skip_attention or self.skip_ffn)
+        return VanillaInputs(
             inputs_embeds,
             positions_from_valid(new_valid),
             new_valid,
@@ -219,6 +248,8 @@ class VanillaDecoder(DecoderPolicy):
             vision_mask=vision,
             image_crops=crop_counts,
             vision_grid=context.grid if context is not None else None,
+            text_rows=Rows.where(new_valid & ~vision) if skips else None,
+            vision_rows=Rows.where(vision) if skips and self.light_mlps is not None else None,
         )
 
     def _vision_flags(self, num_crops: int, context: ImageContext) -> torch.Tensor:
@@ -234,28 +265,35 @@ class VanillaDecoder(DecoderPolicy):
             raise ValueError("the vanilla decoder has no prefix keys")
         return build_mask(key_valid, num_queries, window=window)
 
-    # ------------------------------------------------------------------ redundancy probes
+    # ------------------------------------------------------------------ frozen vision layers and probes
     def layer_step(self, layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs: DecoderInputs):
-        def active(start):
-            return start is not None and layer_idx >= start
-
-        vision = inputs.vision_mask
-        light = self.light_mlps is not None and active(self.probe_skip_ffn_from)
-        probing = [active(self.probe_mask_from), active(self.probe_skip_attention_from),
-                   active(self.probe_skip_ffn_from)]
-        if vision is None or not any(probing):  # decode steps carry no vision tokens: nothing to probe
-            return super().layer_step(layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs)
-        if probing[0]:
-            mask = self._mask_vision_to_vision(mask, vision)
-        query, key, value = project_qkv(layer, layer.input_layernorm(hidden), cos, sin)
-        key, value = kv_store(layer_idx, key, value)
-        text_rows = (~vision)[..., None].to(hidden.dtype)
-        update = attention_update(layer, query, key, value, mask)
-        out = hidden + (update * text_rows if probing[1] or light else update)
-        update = layer.mlp(layer.post_attention_layernorm(out))
-        out = out + (update * text_rows if probing[2] else update)
-        if light:  # vision rows: the light MLP instead of attention + FFN
-            out = torch.where(vision[..., None], self.light_mlps[layer_idx - self.probe_skip_ffn_from](hidden), out)
+        """Where the vision rows skip attention and/or FFN, those parts run on the text rows only (gathered per
+        sample, scattered back); K/V still come from every row. Vision rows keep their input, or with the light-MLP
+        probe get its output. Padding rows are left as they are. Decode steps carry no vision rows: plain layers."""
+        if self.probe_mask_from is not None and layer_idx >= self.probe_mask_from and inputs.vision_mask is not None:
+            mask = self._mask_vision_to_vision(mask, inputs.vision_mask)
+        skip_attention, skip_ffn = layer_idx in self.skip_attention, layer_idx in self.skip_ffn
+        text = inputs.text_rows if isinstance(inputs, VanillaInputs) else None
+        if text is None or not (skip_attention or skip_ffn):
+            return layer_forward(layer, hidden, cos, sin, mask, kv_store, layer_idx)
+        normed = layer.input_layernorm(hidden)  # (B, T, d)
+        if skip_attention:  # queries from the R text rows: (B, H, R, D); keys/values from all T rows
+            key, value = kv_store(layer_idx, *project_kv(layer, normed, cos, sin))
+            query = project_q(layer, text.take(normed), text.take(cos), text.take(sin))
+            rows = text.take(hidden) + attention_update(layer, query, key, value, text.of_mask(mask, key.shape[2]))
+            out = hidden if skip_ffn else text.put(hidden, rows)  # (B, T, d)
+        else:
+            query, key, value = project_qkv(layer, normed, cos, sin)
+            key, value = kv_store(layer_idx, key, value)
+            out = hidden + attention_update(layer, query, key, value, mask)
+            rows = text.take(out)  # (B, R, d) for the FFN below (this branch means it skips the vision rows)
+        if skip_ffn:
+            out = text.put(out, rows + layer.mlp(layer.post_attention_layernorm(rows)))
+        else:
+            out = out + layer.mlp(layer.post_attention_layernorm(out))
+        if self.light_mlps is not None and layer_idx >= self.light_from:  # vision rows: the light MLP instead
+            vision = inputs.vision_rows
+            out = vision.put(out, self.light_mlps[layer_idx - self.light_from](vision.take(hidden)))
         return out
 
     @staticmethod

@@ -301,9 +301,12 @@ def results_table(result: dict, title: str | None = None) -> Table:
     return table
 
 
-def load_model(model_dir: str):
+def load_model(model_dir: str, variant: str | None = None):
     """A saved model (in eval mode, on the GPU when there is one) and its processor; a directory without them is
-    an error that says which file is missing."""
+    an error that says which file is missing. `variant` (`NAME+key=value...`) runs the saved weights under another
+    decoder policy with the same parameters, e.g. a trained vanilla model as `pool+keep_tokens=16`; one whose
+    parameters differ is refused, naming them."""
+    from leanvlm.config import parse_variant
     from leanvlm.modeling import LeanVLMForConditionalGeneration
     from leanvlm.processing import LeanVLMProcessor
 
@@ -312,26 +315,39 @@ def load_model(model_dir: str):
         if not os.path.isfile(os.path.join(model_dir, name)):
             raise FileNotFoundError(f"{model_dir} has no {name}; pass a directory that {written_by} wrote.")
     processor = LeanVLMProcessor.from_pretrained(model_dir)
-    model = LeanVLMForConditionalGeneration.from_pretrained(model_dir).eval()
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
+    overrides = {}
+    if variant is not None:
+        _, decoder, options = parse_variant(variant)
+        overrides = {"decoder": decoder, **options}
+    model, info = LeanVLMForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True, **overrides)
+    differ = {kind: sorted(map(str, info[kind])) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+              if info[kind]}
+    if variant is not None and differ:
+        listed = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:4])}"
+                           + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") for kind, keys in differ.items())
+        raise ValueError(f"{model_dir} cannot run as {variant}: its parameters differ ({listed}). A policy can "
+                         "take over a saved model only when it has the same parameters, e.g. a trained vanilla model "
+                         "runs as random, pool, divprune or vica, or with vanilla+frozen_vision_layers=[...].")
+    return model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), processor
 
 
 def run(model_dir: str, data: str, image_root: str | None = None, batch_size: int = 16, max_new_tokens: int = 16,
-        max_samples: int | None = None, console=None, metric: str = "exact_match") -> dict:
+        max_samples: int | None = None, console=None, metric: str = "exact_match", variant: str | None = None) -> dict:
     """`metric` scores of a saved model on the first `max_samples` records of a LLaVA-format file (all by
-    default); relative image paths start from `image_root`, default the file's directory."""
+    default); relative image paths start from `image_root`, default the file's directory. `variant` runs the model
+    under another decoder policy with the same parameters (`load_model`)."""
     from leanvlm.data.llava import read_records
 
-    model, processor = load_model(model_dir)
+    model, processor = load_model(model_dir, variant)
     records = read_records(data)[:max_samples]
     root = image_root or os.path.dirname(os.path.realpath(data))
     result = evaluate(model, processor, records, root, batch_size, max_new_tokens, source=data, console=console,
                       metric=metric)
-    return {"model": model_dir, "data": data, **result}
+    return {"model": model_dir, "decoder": variant or model.config.decoder, "data": data, **result}
 
 
 def render(result: dict, console, out: str) -> None:
     """The results table and where the full results went."""
-    title = f"{METRIC_TITLES[result['metric']]}: {result['model']} on {result['data']}"
+    title = f"{METRIC_TITLES[result['metric']]}: {result['model']} ({result['decoder']}) on {result['data']}"
     console.print(results_table(result, title=title))
     console.print(f"wrote {out}")

@@ -14,6 +14,7 @@ import os
 import torch
 
 from leanvlm.config import IMAGE_TOKEN
+from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.encoder import CLS_FIRST, ENCODER_TYPES
 
 # Jinja put in front of the tokenizer's chat template: messages whose content is a list of parts ({"type": "image"}
@@ -70,10 +71,10 @@ def refusal(model, processor) -> str | None:
         return f"connector_type={config.connector_type!r}: Llava's projector is the 2-layer MLP (mlp2x_gelu)."
     if config.tome_r:
         return f"tome_r={config.tome_r}: Llava runs the encoder without token merging."
-    probes = [name for name in ("probe_mask_vision_to_vision_from_layer", "probe_skip_vision_attention_from_layer",
-                                "probe_skip_vision_ffn_from_layer") if getattr(config, name) is not None]
-    if probes or config.probe_vision_light_mlp:
-        return f"{', '.join(probes) or 'probe_vision_light_mlp'}: Llava has no redundancy probes."
+    changed = VanillaDecoder.options_from(config).changed()
+    if changed:
+        return (f"{', '.join(changed)}: Llava runs every vision token through every layer in full, without frozen "
+                "layers or redundancy probes.")
     if processor.template != "chat":
         return (f"the model was trained with the {processor.template!r} template; the export carries the "
                 "tokenizer's chat template, so only models trained with template 'chat' keep their prompts.")

@@ -30,7 +30,7 @@ from functools import partial
 
 import torch
 
-from leanvlm.decoders import BASELINE, DECODERS, option_names
+from leanvlm.decoders import BASELINE, DECODERS, HEADLINE, option_names
 from leanvlm.measure.flops import (
     LLM_PRESET_FAMILIES,
     VISION_CONFIGS,
@@ -51,7 +51,7 @@ class BenchSettings:
     llm: str = "qwen2-0.5b"
     vision: str = "siglip-so400m-384"
     # decoders, each optionally with model options: `NAME+key=value` (`leanvlm.config.parse_variant`)
-    decoders: list[str] = field(default_factory=lambda: list(DECODERS))
+    decoders: list[str] = field(default_factory=lambda: list(HEADLINE))
     text_tokens: int = 64
     crops: int = 1
     batch: int = 1
@@ -251,12 +251,9 @@ class Workload:
 
     def train_step(self, name: str) -> None:
         """From cached encoder features: projection + decoder forward + backward."""
-        from leanvlm.decoders.base import ImageContext
-
         model = self.models[name]
         model.train()
-        tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in self.features[name].items()})
-        context = ImageContext(model.config.decoder, tokens, self.crops, self.contexts[name].grid)
+        context = self.project(name)
         model(self.ids, image_context=context, labels=self.ids, return_logits=False).loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()

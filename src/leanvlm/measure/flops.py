@@ -8,9 +8,10 @@ Counting conventions are explicit (`Convention`); the papers' own are presets:
 - "prefill" (default): what an efficient prefill computes: causal attention pairs, lm_head on the last position only,
   connector counted.
 Token layout assumed for causal counts: the image(s) come before the text, and crop newlines are counted as text
-after all crops (the exact masks differ by a few percent of the attention term). Probe counts are what the probe
-could save; leanvlm's probes compute and discard the vision rows. The attention-skip probe drops the vision rows'
-q and o projections (ProxyV's Table 1 keeps o counted).
+after all crops (the exact masks differ by a few percent of the attention term). Vanilla's frozen vision layers and
+skipping probes count what runs: q/o, attention and FFN on the other rows only where the vision rows skip them
+(ProxyV's Table 1 keeps o counted for its attention-skip probe), K/V on every row. The vision-to-vision mask's count
+leaves out the pairs it hides, which the attention kernel still computes.
 
 `encoder_flops` counts the vision encoder's forward the same way (attention as the full rectangle: it is
 bidirectional), optionally with ToMe token merging, so that `leanvlm flops` can show end-to-end cost: once the decoder
@@ -150,7 +151,8 @@ def decoder_flops(
 
 def decode_flops(llm, context_tokens: int, convention: str | Convention = "prefill") -> dict:
     """FLOPs of one decoded token that attends to `context_tokens` cached keys (+ itself). Every policy decodes with
-    plain layers; they differ in context: vanilla/proxyv cache N + M keys, himix N vision + M text keys."""
+    plain layers; they differ in context: vanilla/proxyv cache N + M keys, himix N vision + M text keys, a token
+    reduction its kept vision tokens + M."""
     llm = resolve_llm(llm)
     conv = CONVENTIONS[convention] if isinstance(convention, str) else convention
     d = llm.hidden
@@ -282,14 +284,13 @@ def model_encoder_flops(model_config, image_size: int, crops: int = 1) -> dict:
 
 def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, image_crops=None) -> int:
     """What torch's FlopCounterMode counts for one decoder prefill, to cross-check `decoder_flops`: the projection
-    of the encoder features (connector or HiMix K/V) plus the decoder forward with logits for the last position.
-    The encoder runs outside the count; attention runs on SDPA's math kernel so that it is counted (as a full
-    rectangle, like the "full" attention convention)."""
+    of the encoder features (connector or HiMix K/V, and a token reduction's own work) plus the decoder forward with
+    logits for the last position. The encoder runs outside the count; attention runs on SDPA's math kernel so that
+    it is counted (as a full rectangle, like the "full" attention convention)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from leanvlm.decoders.base import ImageContext
     from leanvlm.vision import encode_features, patch_grid
 
     config = model.config
@@ -302,7 +303,6 @@ def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, ima
             grid = patch_grid(pixel_values, config.vision_config.patch_size, num_tokens)
         with FlopCounterMode(display=False) as counter:
             if pixel_values is not None:
-                tokens = model.decoder.project_images({k: v.to(model.dtype) for k, v in features.items()})
-                context = ImageContext(config.decoder, tokens, image_crops, grid)
+                context = model.context_from_features(features, image_crops, grid)
             model(input_ids, attention_mask, image_context=context, logits_to_keep=1)
     return counter.get_total_flops()

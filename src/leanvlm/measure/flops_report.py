@@ -89,4 +89,5 @@ def render(report: dict, console) -> None:
         console.print(f"not shown: {', '.join(sorted(set(DECODERS) - set(results)))} (reads the patch grid, which "
                       "token merging dissolves)")
     console.print(f"one decoded token at {tokens['vision'] + tokens['text']} tokens of context: "
-                  f"{report['decode_flops_per_token'] / 1e9:.2f} GFLOPs (every decoder)")
+                  f"{report['decode_flops_per_token'] / 1e9:.2f} GFLOPs (every decoder that caches every vision "
+                  "token; a token reduction caches only the kept ones)")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from leanvlm.decoders import BASELINE, DECODERS, check_decoder_name
+from leanvlm.decoders import BASELINE, HEADLINE, check_decoder_name
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 from leanvlm.serve.server import ServerSettings, build_app, running_server
@@ -33,7 +33,7 @@ QUESTION = "What color is the square?"
 class LoadSettings:
     llm: str = "smollm2-135m"  # a packaged part (pretrained) or an LLM preset of `leanvlm flops` (random weights)
     vision: str = "dinov2-s14"  # a packaged part or a vision preset
-    decoders: list[str] = field(default_factory=lambda: list(DECODERS))
+    decoders: list[str] = field(default_factory=lambda: list(HEADLINE))
     requests: int = 64
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     max_tokens: list[int] = field(default_factory=lambda: [1, 32])

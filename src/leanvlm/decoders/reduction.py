@@ -1,0 +1,89 @@
+"""What the training-free token-reduction policies share (`random`, `pool`, `divprune`): a vanilla (LLaVA) model
+whose projected vision tokens are cut down to a budget per crop before the language model reads them.
+
+The connector still runs on every token, and the reduction runs where images become an `ImageContext`
+(`reduce_tokens`), so cached image contexts and cached encoder features serve these policies as they serve vanilla.
+The parameters are vanilla's, under the same names: a trained vanilla checkpoint loads into any of them
+(`from_pretrained(path, decoder="pool", keep_tokens=64)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanvlm.decoders.base import PolicyOptions
+from leanvlm.decoders.cost import LayerCost, PrefillShape
+from leanvlm.decoders.vanilla import VanillaDecoder, VanillaOptions
+
+
+@dataclass
+class ReductionOptions(PolicyOptions):
+    """The budget per crop: `keep_tokens` vision tokens, or with `keep_ratio` (in (0, 1]) that fraction of the
+    crop's tokens instead, rounded half up and at least 1; set one of the two. A budget of at least a crop's tokens
+    keeps them all, so the model is then exactly vanilla."""
+
+    keep_tokens: int = 64
+    keep_ratio: float | None = None
+
+    def resolved(self, num_layers: int) -> ReductionOptions:
+        if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int) or self.keep_tokens < 1:
+            raise ValueError(f"keep_tokens must be an int >= 1 (vision tokens kept per crop), got "
+                             f"{self.keep_tokens!r}.")
+        if self.keep_ratio is not None:
+            ratio = self.keep_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"keep_ratio must be a fraction in (0, 1] of each crop's tokens (or None to keep "
+                                 f"keep_tokens), got {ratio!r}.")
+            if "keep_tokens" in self.changed():
+                raise ValueError(f"keep_tokens={self.keep_tokens} and keep_ratio={ratio} both set the budget; set "
+                                 "one of them.")
+        return self
+
+    def budget(self, tokens: int) -> int:
+        """How many of a crop's `tokens` to keep."""
+        wanted = self.keep_tokens if self.keep_ratio is None else max(1, math.floor(self.keep_ratio * tokens + 0.5))
+        return min(wanted, tokens)
+
+
+class ReductionDecoder(VanillaDecoder):
+    """Vanilla's layout, layers and parameters over a subset (or pooling) of each crop's projected tokens. A subclass
+    sets `name` and its own `presets` (vanilla's are probes), says what a crop keeps (`select`) and, where that is not
+    the budget, how many tokens (`kept_per_crop`)."""
+
+    Options = ReductionOptions
+    options_are = "a token-reduction option"
+    groups = ("connector", "image_newline")
+
+    def __init__(self, config, language_model: nn.Module):
+        super().__init__(config, language_model)
+        self.options = self.options_from(config)
+
+    def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
+        budget = self.options.budget(tokens.shape[1])
+        if budget == tokens.shape[1]:  # the whole crop: exactly vanilla
+            return tokens, grid
+        return self.select(tokens, grid, budget)
+
+    def select(self, tokens: torch.Tensor, grid: tuple[int, int] | None, budget: int):
+        """(n_crops, N, d) projected tokens on a rows x cols grid (or None), budget < N -> (the kept tokens
+        (n_crops, n, d) with n <= budget, the grid they form or None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def kept_per_crop(cls, tokens: int, options: ReductionOptions) -> int:
+        """Tokens the decoder reads of a crop of `tokens` (for the analytic cost)."""
+        return options.budget(tokens)
+
+    @classmethod
+    def prefill_macs(cls, shape: PrefillShape, options: ReductionOptions) -> tuple[dict[str, float], int]:
+        """Vanilla's layers over the kept tokens; the connector projects every token."""
+        kept = cls.kept_per_crop(shape.vision_tokens // shape.crops, options) * shape.crops
+        cost = LayerCost(shape.llm)
+        cls.dense_layers(cost, dataclasses.replace(shape, vision_tokens=kept), shape.llm.layers, VanillaOptions())
+        cost.add("connector", cls.connector_macs(shape))
+        return cost.macs, kept + shape.text_tokens
