@@ -132,7 +132,10 @@ def flops(
     text_tokens: int = typer.Option(..., min=1, help="Non-vision tokens in the prompt (text, and crop newlines)."),
     vision_tokens: int = typer.Option(None, min=1, help="Vision tokens in the sample (default: encoder's x crops)."),
     crops: int = typer.Option(1, min=1, help="Crops per image."),
-    decoder: str = typer.Option(BASELINE, help="Decoder for the JSON output.", **one_of(DECODERS)),
+    decoder: str = typer.Option(BASELINE, help="Decoder for the JSON output: a registered one or a --variant."),
+    variant: list[str] = typer.Option(None, "--variant", parser=decoder_variant,
+                                      help="An extra row: a decoder with its own options (repeatable), e.g. "
+                                           "himix+himix_layers=[0,4,8] or vanilla+frozen_vision_layers=[8,9]."),
     proxyv_start_layer: int = typer.Option(None, min=0, help="ProxyV start layer (default: the middle layer)."),
     proxyv_reduce_factor: int = typer.Option(4, min=1, help="ProxyV grid reduction per side."),
     option: list[str] = typer.Option(None, "--option", help="Any decoder option as KEY=VALUE (repeatable), e.g. "
@@ -156,6 +159,7 @@ def flops(
 
     report = flops_report.run(llm, vision, text_tokens, vision_tokens=vision_tokens, crops=crops,
                               convention=convention, vision_feature_layer=vision_feature_layer, tome_r=tome_r,
+                              variants=tuple(variant or ()),
                               **decoder_options(option, proxyv_start_layer=proxyv_start_layer,
                                                 proxyv_reduce_factor=proxyv_reduce_factor))
     if as_json:

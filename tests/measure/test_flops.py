@@ -118,3 +118,24 @@ def test_the_flops_table_lists_every_decoder():
     assert result.exit_code == 0, result.output
     rows = [line.split()[1] for line in result.output.splitlines() if line.startswith("│")]
     assert set(DECODERS) <= set(rows)
+
+
+def test_variants_are_extra_rows_with_their_own_options():
+    """`--variant` adds a row per variant, counted with its options on top, next to the plain decoders; its JSON
+    compares it with plain vanilla; a row that is not in the report is named."""
+    base = ["flops", "--llm", "qwen2-0.5b", "--vision", "siglip-so400m-384", "--text-tokens", "64"]
+    sparse, frozen = "himix+himix_layers=[0,8,16]", "vanilla+frozen_vision_layers=[8,9,10,11]"
+    result = CliRunner().invoke(app, [*base, "--variant", sparse, "--variant", frozen, "--decoder", sparse, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    expected = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, "himix", himix_layers=[0, 8, 16])
+    dense = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, "himix")
+    assert data["total_flops"] == expected["total_flops"] < dense["total_flops"]
+    assert data["all_decoders"]["himix"] == dense["total_flops"]  # the plain row keeps the defaults
+    vanilla = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, "vanilla")["total_flops"]
+    assert data["ratio_to_vanilla"] == pytest.approx(expected["total_flops"] / vanilla)
+    frozen_total = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, "vanilla",
+                                 frozen_vision_layers=[8, 9, 10, 11])["total_flops"]
+    assert data["all_decoders"][frozen] == frozen_total < vanilla
+    missing = CliRunner().invoke(app, [*base, "--decoder", sparse, "--json"])
+    assert missing.exit_code != 0 and "no row of this report" in " ".join(missing.output.replace("│", " ").split())

@@ -7,24 +7,34 @@ from __future__ import annotations
 from dataclasses import asdict
 from types import SimpleNamespace
 
+from leanvlm.config import parse_variant
 from leanvlm.decoders import BASELINE, DECODERS, option_names
 from leanvlm.measure.flops import decode_flops, decoder_flops, encoder_flops, resolve_encoder_config
 
 
 def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = None, crops: int = 1,
-        convention: str = "prefill", vision_feature_layer: int = -2, tome_r: int = 0, **options) -> dict:
-    """Prefill FLOPs of every registered decoder (each with its own of the decoder `options`), of the vision encoder
-    it needs (up to its deepest feature layer, `tome_r` tokens merged per layer) and of both, and of one decoded
-    token after vanilla's prefill. Without `vision_tokens`, each decoder reads what its encoder leaves per crop."""
+        convention: str = "prefill", vision_feature_layer: int = -2, tome_r: int = 0, variants: tuple = (),
+        **options) -> dict:
+    """Prefill FLOPs of every registered decoder (each with its own of the decoder `options`), then of each of
+    `variants` (`NAME+key=value...`, a row of its own with its options on top), of the vision encoder it needs (up
+    to its deepest feature layer, `tome_r` tokens merged per layer) and of both, and of one decoded token after
+    vanilla's prefill. Without `vision_tokens`, each decoder reads what its encoder leaves per crop."""
+    rows = [(name, name, options) for name in DECODERS]
+    for label in variants:
+        _, name, own = parse_variant(label)
+        if tome_r and DECODERS[name].needs_patch_grid:
+            raise ValueError(f"{label}: {name} reads the patch grid, which token merging (--tome-r {tome_r}) "
+                             "dissolves.")
+        rows.append((label, name, {**options, **own}))
     results = {}
-    for name in DECODERS:
+    for label, name, row_options in rows:
         if tome_r and DECODERS[name].needs_patch_grid:  # leanvlm refuses that model (LeanVLMConfig)
             continue
-        encoder = encoder_cost(name, vision, crops, vision_feature_layer, tome_r, options)
+        encoder = encoder_cost(name, vision, crops, vision_feature_layer, tome_r, row_options)
         left = encoder["tokens"]["patches"] * crops if vision_tokens is None else vision_tokens
         result = decoder_flops(llm, vision, text_tokens, name, crops=crops, convention=convention,
-                               vision_tokens=left, **options)
-        results[name] = dict(result, encoder=encoder, end_to_end_flops=result["total_flops"] + encoder["total_flops"])
+                               vision_tokens=left, **row_options)
+        results[label] = dict(result, encoder=encoder, end_to_end_flops=result["total_flops"] + encoder["total_flops"])
     tokens = results[BASELINE]["tokens"]
     step = decode_flops(llm, tokens["vision"] + tokens["text"], convention)
     return {"llm": llm, "vision": vision, "convention": convention, "tokens": tokens, "results": results,
@@ -47,9 +57,12 @@ def encoder_cost(decoder: str, vision, crops: int, vision_feature_layer: int, to
 def for_decoder(report: dict, decoder: str) -> dict:
     """One decoder's FLOPs with its ratio to the baseline, every decoder's total and the decode cost."""
     results = report["results"]
-    if decoder not in results:
+    if decoder in DECODERS and decoder not in results:
         raise ValueError(f"The {decoder} decoder reads the encoder's patch grid, which token merging (--tome-r "
                          f"{report['tome_r']}) dissolves; choose another decoder or --tome-r 0.")
+    if decoder not in results:
+        raise ValueError(f"{decoder!r} is no row of this report; rows: {', '.join(results)} (a variant needs "
+                         "--variant).")
     chosen = dict(results[decoder], decoder=decoder, llm=report["llm"], vision=report["vision"])
     chosen["ratio_to_vanilla"] = chosen["total_flops"] / results[BASELINE]["total_flops"]
     chosen["encoder_flops"] = chosen["encoder"]["total_flops"]
@@ -85,7 +98,7 @@ def render(report: dict, console) -> None:
         table.add_row(name, f"{total / 1e9:.1f}", f"{total / baseline:.1%}", *cells,
                       f"{result['encoder']['total_flops'] / 1e9:.1f}", f"{e2e / 1e9:.1f}", f"{e2e / baseline_e2e:.1%}")
     console.print(table)
-    if len(results) < len(DECODERS):
+    if not set(DECODERS) <= set(results):
         console.print(f"not shown: {', '.join(sorted(set(DECODERS) - set(results)))} (reads the patch grid, which "
                       "token merging dissolves)")
     console.print(f"one decoded token at {tokens['vision'] + tokens['text']} tokens of context: "
