@@ -74,6 +74,9 @@ class LeanVLMConfig(PreTrainedConfig):
     proxyv_reduce_factor: int = 4
     proxyv_proxy_init: str = "spatial"
     proxyv_mlp_width: int | None = None
+    # A token reduction ("random", "pool", "divprune") that first cuts each crop's tokens, with that policy's budget
+    # options below; spatial proxies need the kept tokens to form a grid (pool), learned ones take any.
+    proxyv_token_reduction: str | None = None
     # The vanilla decoder's frozen vision layers and redundancy probes (`VanillaOptions`):
     frozen_vision_layers: list[int] | None = None
     probe_mask_vision_to_vision_from_layer: int | None = None
@@ -81,8 +84,9 @@ class LeanVLMConfig(PreTrainedConfig):
     probe_skip_vision_ffn_from_layer: int | None = None
     probe_vision_light_mlp: bool = False
 
-    # Token reduction before the LLM (random, pool, divprune; `ReductionOptions`): vision tokens kept per crop, or the
-    # fraction of each crop's tokens kept instead; random's seed for the kept positions (`RandomOptions`).
+    # Token reduction before the LLM (random, pool, divprune, and proxyv with proxyv_token_reduction;
+    # `ReductionOptions`): vision tokens kept per crop, or the fraction of each crop's tokens kept instead; random's
+    # seed for the kept positions (`RandomOptions`).
     keep_tokens: int = 64
     keep_ratio: float | None = None
     random_seed: int = 0
@@ -172,18 +176,25 @@ class LeanVLMConfig(PreTrainedConfig):
             )
 
     def _validate_policy_options(self) -> None:
-        """Options of another policy must stay at their defaults; this policy's own are checked and resolved (e.g.
-        ProxyV's start layer defaults to the middle layer) by its `Options`."""
+        """Options of other policies only must stay at their defaults (one option may belong to several policies,
+        e.g. `keep_tokens`); this policy's own are checked and resolved (e.g. ProxyV's start layer defaults to the
+        middle layer) by its `Options`, which also refuses own options that its other values leave unread."""
         policy = DECODERS[self.decoder]
         own = set(option_names(policy))
-        for other in DECODERS.values():
-            foreign = [name for name in other.options_from(self).changed() if name not in own]
-            if foreign:
-                raise ValueError(
-                    f"{', '.join(foreign)}: {other.options_are}, but this config's decoder is {self.decoder!r}; "
-                    f"use decoder={other.name!r} or leave {'it' if len(foreign) == 1 else 'them'} unset."
-                )
+        changed = dict.fromkeys(name for other in DECODERS.values() for name in other.options_from(self).changed())
+        foreign = [name for name in changed if name not in own]
+        if foreign:
+            takers = [other for other in DECODERS.values() if set(foreign) <= set(option_names(other))]
+            # the taker with the fewest options is the one they are about (keep_tokens: a reduction's, not proxyv's)
+            what = min(takers, key=lambda other: len(option_names(other))).options_are if takers else (
+                "options of different decoders")
+            use = f"decoder={' or '.join(repr(other.name) for other in takers)}" if takers else "one decoder's options"
+            raise ValueError(
+                f"{', '.join(foreign)}: {what}, but this config's decoder is {self.decoder!r}; use {use} or leave "
+                f"{'it' if len(foreign) == 1 else 'them'} unset."
+            )
         resolved = policy.options_from(self).resolved(self.text_config.num_hidden_layers)
+        resolved.refuse_unread()
         for name in own:
             setattr(self, name, getattr(resolved, name))
 

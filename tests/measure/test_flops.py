@@ -52,6 +52,10 @@ CASES = [
     ("proxyv", {"proxyv_start_layer": 1, "proxyv_reduce_factor": 2}),
     ("proxyv", {"proxyv_start_layer": 0, "proxyv_reduce_factor": 2, "proxyv_proxy_init": "learned", "max_crops": 3}),
     ("vanilla", {"max_crops": 3}),
+    # proxies of the pooled 3x3 grid (one), not of the encoder's 4x4 (four); learned ones of the 4x4, over 5 tokens
+    ("proxyv", {"proxyv_token_reduction": "pool", "keep_tokens": 9, "proxyv_reduce_factor": 2, "max_crops": 3}),
+    ("proxyv", {"proxyv_token_reduction": "divprune", "keep_tokens": 5, "proxyv_reduce_factor": 2,
+                "proxyv_proxy_init": "learned"}),
 ]
 
 
@@ -62,9 +66,9 @@ def test_measured_flops_agree_with_the_analytic_count(decoder, options):
     ids = torch.tensor([prompt(model, "<image>", *range(5, 25))])
     measured = measured_flops(model, ids, pixel_values=pixels(crops), image_crops=[crops])
     newlines = crops if model.config.uses_image_newline else 0
-    proxy_options = {k: v for k, v in options.items() if k.startswith("proxyv_")}
+    decoder_options = {k: v for k, v in options.items() if k != "max_crops"}
     analytic = decoder_flops(LLMShape.from_config(model.config), VisionShape(16, 24), 20 + newlines, decoder,
-                             crops=crops, convention=Convention(attention="full", lm_head="last"), **proxy_options)
+                             crops=crops, convention=Convention(attention="full", lm_head="last"), **decoder_options)
     assert measured == analytic["total_flops"]
 
 
@@ -110,6 +114,37 @@ def test_a_token_reduction_runs_the_layers_on_the_kept_tokens_and_the_connector_
     assert decoder_flops("qwen2-0.5b", "clip-l-336", 64, decoder, **options)["breakdown"] == expected
     whole = decoder_flops("qwen2-0.5b", "clip-l-336", 64, decoder, keep_tokens=576)
     assert whole["breakdown"] == full["breakdown"]
+
+
+def test_proxyv_over_a_token_reduction_counts_its_layers_on_the_kept_tokens():
+    """576 CLIP tokens pooled to 8 x 8: ProxyV's layers and proxies (2 x 2 of the pooled grid) as for 64 tokens, the
+    connector on all 576; DivPrune adds its similarities and learned proxies stay 6 x 6, as many as for 576 tokens."""
+    kwargs = dict(proxyv_start_layer=12, crops=2)
+    pooled = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "proxyv", proxyv_token_reduction="pool", keep_tokens=64,
+                           **kwargs)["breakdown"]
+    full = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "proxyv", **kwargs)["breakdown"]
+    small = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "proxyv", vision_tokens=128, **kwargs)["breakdown"]
+    assert pooled == {**small, "connector": full["connector"]}
+    learned = dict(proxyv_proxy_init="learned", **kwargs)
+    pruned = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "proxyv", proxyv_token_reduction="divprune",
+                           keep_tokens=64, **learned)["breakdown"]
+    assert pruned["similarity"] == 2 * 2 * 576 * 576 * 896
+    proxies, kept, inner = 2 * 36, 2 * 64, 448  # d' = 896 / 2
+    assert pruned["proxy_init"] == 2 * (kept * 896 * inner + proxies * 64 * (inner + 896))
+    assert pruned["connector"] == full["connector"] and pruned["ffn"] < full["ffn"]
+
+
+def test_the_flops_cli_prints_a_row_for_proxyv_over_a_token_reduction():
+    variant = "proxyv+proxyv_token_reduction=pool+keep_tokens=64"
+    base = ["flops", "--llm", "qwen2-0.5b", "--vision", "clip-l-336", "--text-tokens", "64", "--variant", variant]
+    table = CliRunner().invoke(app, base)
+    assert table.exit_code == 0, table.output
+    assert any(variant in line for line in table.output.splitlines() if line.startswith("│"))
+    result = CliRunner().invoke(app, [*base, "--decoder", variant, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    expected = decoder_flops("qwen2-0.5b", "clip-l-336", 64, "proxyv", proxyv_token_reduction="pool", keep_tokens=64)
+    assert data["total_flops"] == expected["total_flops"] < data["all_decoders"]["proxyv"]
 
 
 def test_the_flops_table_lists_every_decoder():

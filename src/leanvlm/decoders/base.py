@@ -107,6 +107,11 @@ class PolicyOptions:
         language model's depth; returns the options to use."""
         return self
 
+    def refuse_unread(self) -> None:
+        """Raise a ValueError naming options set away from their defaults that these (resolved) values never read,
+        e.g. a token budget with no reduction to spend it. A model's config refuses them; a cost estimate, which
+        spreads one set of options over every decoder, ignores them."""
+
     def changed(self) -> list[str]:
         """Names of the options set away from their defaults."""
         return [f.name for f in fields(self) if getattr(self, f.name) != _default(f)]

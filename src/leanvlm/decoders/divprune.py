@@ -43,14 +43,14 @@ class DivPruneDecoder(ReductionDecoder):
                                             "ratio": Preset({"keep_ratio": 0.25})}
 
     @classmethod
-    def prefill_macs(cls, shape: PrefillShape, options: ReductionOptions) -> tuple[dict[str, float], int]:
-        """Vanilla's layers over the kept tokens, plus every crop's pairwise similarities (N x N x d) when it is cut."""
-        macs, positions = super().prefill_macs(shape, options)
+    def selection_macs(cls, shape: PrefillShape, options: ReductionOptions) -> dict[str, float]:
+        """Every crop's pairwise similarities (N x N x d) when it is cut."""
         per_crop = shape.vision_tokens // shape.crops
-        if options.budget(per_crop) < per_crop:
-            macs["similarity"] = shape.crops * per_crop**2 * shape.llm.hidden
-        return macs, positions
+        if options.budget(per_crop) == per_crop:
+            return {}
+        return {"similarity": shape.crops * per_crop**2 * shape.llm.hidden}
 
-    def select(self, tokens: torch.Tensor, grid, budget: int):
+    @classmethod
+    def select(cls, tokens: torch.Tensor, grid, budget: int, options: ReductionOptions):
         picks = max_min_diverse(tokens, budget)  # (n_crops, budget)
         return tokens.gather(1, picks[..., None].expand(-1, -1, tokens.shape[-1])), None  # a subset forms no grid

@@ -24,6 +24,7 @@ def pooled_grid(grid: tuple[int, int], budget: int) -> tuple[int, int]:
 class PoolDecoder(ReductionDecoder):
     name = "pool"
     needs_patch_grid = True
+    keeps_patch_grid = True
     presets: ClassVar[dict[str, Preset]] = {"keep_4": Preset({"keep_tokens": 4}), "ratio": Preset({"keep_ratio": 0.6})}
 
     @classmethod
@@ -35,7 +36,8 @@ class PoolDecoder(ReductionDecoder):
         rows, cols = pooled_grid((side, side), budget)
         return rows * cols
 
-    def select(self, tokens: torch.Tensor, grid, budget: int):
+    @classmethod
+    def select(cls, tokens: torch.Tensor, grid, budget: int, options: ReductionOptions):
         if grid is None:
             raise ValueError(
                 f"The pool decoder averages each crop's patch grid, but these {tokens.shape[1]} tokens per crop form "

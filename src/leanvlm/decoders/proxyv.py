@@ -7,6 +7,10 @@ queries come from [P; X], keys/values from all three. With logical positions (pr
 their image), a query sees keys at or before its position, except that proxies never see full tokens and text never
 sees proxies. After the prefill the proxies are dropped: the cache holds [full; newline; text] keys in every layer
 and decoding uses plain layers.
+
+With `proxyv_token_reduction`, a registered token reduction (its own selection code) first cuts each crop's projected
+tokens, and all of the above runs over the kept ones: spatial proxies down-sample the pooled grid, learned proxies
+softly assign whatever tokens are left.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from leanvlm.decoders.base import DecoderInputs, PolicyOptions, Preset, left_pad
 from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
 from leanvlm.decoders.layer import attention_update, project_qkv
 from leanvlm.decoders.llm import decoder_layers, sliding_window
+from leanvlm.decoders.reduction import ReductionDecoder, token_reductions
 from leanvlm.decoders.vanilla import VanillaDecoder, VanillaOptions
 
 FULL, PROXY, REST = 0, 1, 2  # token kinds in the mask builder
@@ -75,6 +80,16 @@ def proxy_grid(grid: tuple[int, int], factor: int) -> tuple[int, int]:
     return max(1, grid[0] // factor), max(1, grid[1] // factor)
 
 
+def proxies_per_crop(tokens: int, factor: int) -> int:
+    """Proxies of a crop of `tokens` for the analytic cost: `proxy_grid` of their square grid, or for a count that is
+    no square, an estimate."""
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        rows, cols = proxy_grid((side, side), factor)
+        return rows * cols
+    return max(1, tokens // factor**2)
+
+
 def spatial_proxies(crops: torch.Tensor, grid: tuple[int, int], factor: int) -> torch.Tensor:
     """crops (K, N, d) on a rows x cols grid -> (K, n, d): bilinear down-sampling to `proxy_grid`
     (align_corners=False, no antialias), raster order."""
@@ -118,12 +133,21 @@ class ProxyVOptions(PolicyOptions):
     """From decoder layer `proxyv_start_layer` (None = the middle layer) on, proxy tokens (each crop's grid reduced
     `proxyv_reduce_factor` times per side) replace the full vision tokens as queries and in the FFN; the full tokens
     get a per-layer guided update MLP of width `proxyv_mlp_width` (None = d/4 if d >= 1024 else d/2). Proxies are
-    "spatial" (bilinear down-sampling) or "learned" (learnable queries)."""
+    "spatial" (bilinear down-sampling) or "learned" (learnable queries).
+
+    `proxyv_token_reduction` names a token-reduction policy ("random", "pool", "divprune") that first cuts each
+    crop's projected tokens to its budget, set with that policy's own options (`keep_tokens` or `keep_ratio`, and
+    random's `random_seed`); ProxyV then runs over the kept tokens. None keeps every token, and the budget options
+    must then stay unset."""
 
     proxyv_start_layer: int | None = None
     proxyv_reduce_factor: int = 4
     proxyv_proxy_init: str = "spatial"
     proxyv_mlp_width: int | None = None
+    proxyv_token_reduction: str | None = None
+    keep_tokens: int = 64
+    keep_ratio: float | None = None
+    random_seed: int = 0
 
     def resolved(self, num_layers: int) -> ProxyVOptions:
         start = num_layers // 2 if self.proxyv_start_layer is None else self.proxyv_start_layer
@@ -135,7 +159,38 @@ class ProxyVOptions(PolicyOptions):
             raise ValueError(f"proxyv_proxy_init={self.proxyv_proxy_init!r} is not 'spatial' or 'learned'.")
         if self.proxyv_mlp_width is not None and self.proxyv_mlp_width < 1:
             raise ValueError(f"proxyv_mlp_width must be >= 1 (or None for the default), got {self.proxyv_mlp_width}.")
+        if self.proxyv_token_reduction is not None:
+            reductions = token_reductions()
+            if self.proxyv_token_reduction not in reductions:
+                raise ValueError(f"proxyv_token_reduction={self.proxyv_token_reduction!r} is not one of "
+                                 f"{', '.join(map(repr, reductions))} (or None for every token).")
+            reduction = reductions[self.proxyv_token_reduction]
+            reduction.options_from(self).resolved(num_layers)  # the budget, checked as the reduction checks it
+            if self.proxyv_proxy_init == "spatial" and not reduction.keeps_patch_grid:
+                raise ValueError(
+                    f"proxyv_token_reduction={self.proxyv_token_reduction!r} keeps a set of tokens that forms no "
+                    "patch grid, which spatial proxies down-sample; use proxyv_proxy_init='learned', or "
+                    "proxyv_token_reduction='pool', which keeps a (smaller) grid."
+                )
         return dataclasses.replace(self, proxyv_start_layer=start)
+
+    def refuse_unread(self) -> None:
+        takes = {name: {f.name for f in dataclasses.fields(policy.Options)}
+                 for name, policy in token_reductions().items()}
+        unread = [name for name in self.changed()
+                  if name in set().union(*takes.values()) - takes.get(self.proxyv_token_reduction, set())]
+        if unread:
+            readers = [repr(name) for name, options in takes.items() if set(unread) <= options]
+            raise ValueError(
+                f"{', '.join(unread)}: {'an option' if len(unread) == 1 else 'options'} of proxyv_token_reduction="
+                f"{' or '.join(readers)}, but it is {self.proxyv_token_reduction!r}; set it to one of those or leave "
+                f"{'it' if len(unread) == 1 else 'them'} unset."
+            )
+
+    @property
+    def reduction(self) -> type[ReductionDecoder] | None:
+        """The token-reduction policy that runs first, or None."""
+        return None if self.proxyv_token_reduction is None else token_reductions()[self.proxyv_token_reduction]
 
 
 class ProxyVDecoder(VanillaDecoder):
@@ -144,7 +199,12 @@ class ProxyVDecoder(VanillaDecoder):
     options_are = "proxyv options"
     groups = ("connector", "image_newline", "vision_mlps", "proxy_init")
     needs_patch_grid = True  # spatial proxies pool the grid; learned ones are sized for it
-    presets: ClassVar[dict[str, Preset]] = {"learned_proxies": Preset({"proxyv_proxy_init": "learned"})}
+    # Tiny test models (4x4 patch grids, 3 layers): start at the middle layer, 1 proxy per crop.
+    presets: ClassVar[dict[str, Preset]] = {
+        "learned_proxies": Preset({"proxyv_proxy_init": "learned"}),
+        "pool_4": Preset({"proxyv_token_reduction": "pool", "keep_tokens": 4}),  # spatial proxies of a 2x2 grid
+        "divprune_5": Preset({"proxyv_token_reduction": "divprune", "keep_tokens": 5, "proxyv_proxy_init": "learned"}),
+    }
 
     def __init__(self, config, language_model: nn.Module):
         super().__init__(config, language_model)
@@ -158,12 +218,23 @@ class ProxyVDecoder(VanillaDecoder):
         self.vision_mlps = nn.ModuleList(
             VisionMLP(width, inner, norm_class(width, eps=eps)) for _ in range(self.start_layer, len(layers))
         )
+        options = self.options_from(config)
+        self.reduction = options.reduction
+        self.reduction_options = None if self.reduction is None else self.reduction.options_from(config)
         self.proxy_init = None
         if config.proxyv_proxy_init == "learned":
             side = config.vision_config.image_size // config.vision_config.patch_size
             self.learned_tokens_per_crop = side * side
             rows, cols = proxy_grid((side, side), self.factor)
+            # sized by the encoder's grid; the soft assignment takes any number of tokens, e.g. the kept ones
             self.proxy_init = ProxyInitializer(width, inner, rows * cols)
+            kept = None if self.reduction is None else self.reduction.kept_per_crop(side * side, self.reduction_options)
+            if kept is not None and kept < rows * cols:  # the extra proxies would take the positions of later text
+                raise ValueError(
+                    f"proxyv_token_reduction={options.proxyv_token_reduction!r} keeps {kept} tokens per crop, fewer "
+                    f"than the {rows * cols} learned proxies of the encoder's {side}x{side} grid; keep more tokens "
+                    "or raise proxyv_reduce_factor."
+                )
 
     def init_module(self, module: nn.Module) -> None:
         if module is self.proxy_init:
@@ -173,15 +244,24 @@ class ProxyVDecoder(VanillaDecoder):
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: ProxyVOptions) -> tuple[dict[str, float], int]:
-        llm, n, m, crops = shape.llm, shape.vision_tokens, shape.text_tokens, shape.crops
+        """Vanilla's layers up to s and ProxyV's from s on, over the kept tokens; the connector projects every token,
+        and a token reduction adds what choosing the kept tokens costs."""
+        reduction, kept, selection = options.reduction, shape, {}
+        if reduction is not None:
+            budget = reduction.options_from(options)
+            kept = dataclasses.replace(
+                shape, vision_tokens=reduction.kept_per_crop(shape.vision_tokens // shape.crops, budget) * shape.crops
+            )
+            selection = reduction.selection_macs(shape, budget)
+        llm, n, m, crops = shape.llm, kept.vision_tokens, shape.text_tokens, shape.crops
         d, layers = llm.hidden, llm.layers
         start = options.proxyv_start_layer
         cost = LayerCost(llm)
-        cls.dense_layers(cost, shape, start, VanillaOptions())
+        cls.dense_layers(cost, kept, start, VanillaOptions())
         if start < layers:
-            side = math.isqrt(n // crops)  # square grids as `proxy_grid` sizes them; otherwise an estimate
-            per_crop = (max(1, side // options.proxyv_reduce_factor) ** 2 if side * side == n // crops
-                        else max(1, n // crops // options.proxyv_reduce_factor**2))
+            # spatial proxies down-sample the kept grid; learned ones are as many as the encoder's whole grid gives
+            sized_for = shape if options.proxyv_proxy_init == "learned" else kept
+            per_crop = proxies_per_crop(sized_for.vision_tokens // crops, options.proxyv_reduce_factor)
             proxies = per_crop * crops
             inner = proxyv_inner_width(d, options.proxyv_mlp_width)
             q, k = proxies + m, n + proxies + m
@@ -194,7 +274,20 @@ class ProxyVDecoder(VanillaDecoder):
                 cost.add("vision_mlps", (layers - start) * n * per_crop * inner)  # spreading the guide
                 cost.add("proxy_init", n * d * inner + proxies * (n // crops) * (inner + d))  # keys, logits, pooling
         cost.add("connector", cls.connector_macs(shape))
+        for part, macs in selection.items():
+            cost.add(part, macs)
         return cost.macs, n + m
+
+    def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
+        if self.proxy_init is not None and tokens.shape[1] != self.learned_tokens_per_crop:
+            raise ValueError(
+                f"The learned proxies were built for {self.learned_tokens_per_crop} tokens per crop (the encoder's "
+                f"image_size / patch_size squared) but the crops have {tokens.shape[1]}; feed images at the "
+                "encoder's configured size."
+            )
+        if self.reduction is None:
+            return tokens, grid
+        return self.reduction.reduce(tokens, grid, self.reduction_options)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = super().parameter_groups()
@@ -252,12 +345,6 @@ class ProxyVDecoder(VanillaDecoder):
         batch = full.shape[0]
         crops = full.view(-1, per_crop, full.shape[-1])  # (B * K, N, d)
         if self.proxy_init is not None:
-            if per_crop != self.learned_tokens_per_crop:
-                raise ValueError(
-                    f"The learned proxies were built for {self.learned_tokens_per_crop} tokens per crop (the "
-                    f"encoder's image_size / patch_size squared) but the crops have {per_crop}; feed images at the "
-                    "encoder's configured size."
-                )
             proxies, assignment = self.proxy_init(crops)  # (B * K, n, d), (B * K, N, n)
             cover = None
         else:

@@ -37,6 +37,7 @@ class RandomDecoder(ReductionDecoder):
     Options = RandomOptions
     presets: ClassVar[dict[str, Preset]] = {"keep_5": Preset({"keep_tokens": 5, "random_seed": 1})}
 
-    def select(self, tokens: torch.Tensor, grid, budget: int):
-        positions = random_positions(tokens.shape[1], budget, self.options.random_seed).to(tokens.device)
+    @classmethod
+    def select(cls, tokens: torch.Tensor, grid, budget: int, options: RandomOptions):
+        positions = random_positions(tokens.shape[1], budget, options.random_seed).to(tokens.device)
         return tokens[:, positions], None  # (n_crops, budget, d): a subset forms no grid

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -52,24 +53,33 @@ class ReductionOptions(PolicyOptions):
 
 class ReductionDecoder(VanillaDecoder):
     """Vanilla's layout, layers and parameters over a subset (or pooling) of each crop's projected tokens. A subclass
-    sets `name` and its own `presets` (vanilla's are probes), says what a crop keeps (`select`) and, where that is not
-    the budget, how many tokens (`kept_per_crop`)."""
+    sets `name` and its own `presets` (vanilla's are probes), says what a crop keeps (`select`), where that is not the
+    budget, how many tokens (`kept_per_crop`), and what choosing them costs (`selection_macs`). These are classmethods
+    of the tokens and the options, so that other policies run a reduction too (proxyv's `proxyv_token_reduction`)."""
 
     Options = ReductionOptions
     options_are = "a token-reduction option"
     groups = ("connector", "image_newline")
+    keeps_patch_grid: ClassVar[bool] = False  # the kept tokens form a grid (spatial ProxyV proxies can pool it)
 
     def __init__(self, config, language_model: nn.Module):
         super().__init__(config, language_model)
         self.options = self.options_from(config)
 
     def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
-        budget = self.options.budget(tokens.shape[1])
+        return self.reduce(tokens, grid, self.options)
+
+    @classmethod
+    def reduce(cls, tokens: torch.Tensor, grid: tuple[int, int] | None, options: ReductionOptions):
+        """(n_crops, N, d) projected tokens on a rows x cols grid (or None) -> the kept tokens and the grid they form
+        (or None), with `options` already `resolved`."""
+        budget = options.budget(tokens.shape[1])
         if budget == tokens.shape[1]:  # the whole crop: exactly vanilla
             return tokens, grid
-        return self.select(tokens, grid, budget)
+        return cls.select(tokens, grid, budget, options)
 
-    def select(self, tokens: torch.Tensor, grid: tuple[int, int] | None, budget: int):
+    @classmethod
+    def select(cls, tokens: torch.Tensor, grid: tuple[int, int] | None, budget: int, options: ReductionOptions):
         """(n_crops, N, d) projected tokens on a rows x cols grid (or None), budget < N -> (the kept tokens
         (n_crops, n, d) with n <= budget, the grid they form or None)."""
         raise NotImplementedError
@@ -80,10 +90,24 @@ class ReductionDecoder(VanillaDecoder):
         return options.budget(tokens)
 
     @classmethod
+    def selection_macs(cls, shape: PrefillShape, options: ReductionOptions) -> dict[str, float]:
+        """MACs of choosing the kept tokens of one sample's crops, by part (none by default)."""
+        return {}
+
+    @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: ReductionOptions) -> tuple[dict[str, float], int]:
         """Vanilla's layers over the kept tokens; the connector projects every token."""
         kept = cls.kept_per_crop(shape.vision_tokens // shape.crops, options) * shape.crops
         cost = LayerCost(shape.llm)
         cls.dense_layers(cost, dataclasses.replace(shape, vision_tokens=kept), shape.llm.layers, VanillaOptions())
         cost.add("connector", cls.connector_macs(shape))
+        for part, macs in cls.selection_macs(shape, options).items():
+            cost.add(part, macs)
         return cost.macs, kept + shape.text_tokens
+
+
+def token_reductions() -> dict[str, type[ReductionDecoder]]:
+    """The registered token-reduction policies by name (what proxyv can run first)."""
+    from leanvlm.decoders import DECODERS  # the registry imports every policy module, this one included
+
+    return {name: policy for name, policy in DECODERS.items() if issubclass(policy, ReductionDecoder)}
