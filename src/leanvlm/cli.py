@@ -157,6 +157,9 @@ def flops(
 
     from leanvlm.measure import flops_report
 
+    if decoder not in DECODERS and decoder not in (variant or []):
+        raise typer.BadParameter(f"{decoder!r}: choose one of {', '.join(DECODERS)} (or a --variant row)",
+                                 param_hint="--decoder")
     report = flops_report.run(llm, vision, text_tokens, vision_tokens=vision_tokens, crops=crops,
                               convention=convention, vision_feature_layer=vision_feature_layer, tome_r=tome_r,
                               variants=tuple(variant or ()),

@@ -173,4 +173,4 @@ def test_variants_are_extra_rows_with_their_own_options():
                                  frozen_vision_layers=[8, 9, 10, 11])["total_flops"]
     assert data["all_decoders"][frozen] == frozen_total < vanilla
     missing = CliRunner().invoke(app, [*base, "--decoder", sparse, "--json"])
-    assert missing.exit_code != 0 and "no row of this report" in " ".join(missing.output.replace("│", " ").split())
+    assert missing.exit_code == 2 and "(or a --variant row)" in " ".join(missing.output.replace("│", " ").split())
