@@ -3,8 +3,10 @@ NAME.png (its plot), side by side in one directory. The callers own what goes in
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 from collections.abc import Callable
 
 from matplotlib.figure import Figure
@@ -38,3 +40,19 @@ def figure(columns: int, size: tuple[float, float]) -> tuple[Figure, list]:
     canvas = Figure(figsize=size)
     axes = canvas.subplots(1, columns)
     return canvas, list(axes) if columns > 1 else [axes]
+
+
+def short_label(label: str) -> str:
+    """A variant label for a plot axis: lists of evenly spaced layers written as ranges, e.g.
+    `vanilla+frozen_vision_layers=[12,13,...,29]` -> `vanilla+frozen_vision_layers=[12..29]`, `[0,4,8,...,28]` ->
+    `[0..28/4]`."""
+
+    def compress(match: re.Match) -> str:
+        values = [int(v) for v in match.group(1).split(",")]
+        steps = {b - a for a, b in itertools.pairwise(values)}
+        if len(values) < 3 or len(steps) != 1 or steps == {0}:
+            return match.group(0)
+        step = steps.pop()
+        return f"[{values[0]}..{values[-1]}" + ("]" if step == 1 else f"/{step}]")
+
+    return re.sub(r"\[(-?\d+(?:,\s*-?\d+)+)\]", compress, label)

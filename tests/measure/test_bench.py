@@ -83,3 +83,13 @@ def test_bench_cli_refuses_bad_input_before_building_anything(tiny_model_dir, tm
         result = runner.invoke(app, ["bench", "--out", str(tmp_path), *args])
         text = " ".join(result.output.replace("│", " ").split())  # the error panel wraps lines
         assert result.exit_code != 0 and hint in text, (args, result.output)
+
+
+def test_plot_labels_write_evenly_spaced_layer_lists_as_ranges():
+    from leanvlm.reports import short_label
+
+    frozen = "vanilla+frozen_vision_layers=[" + ",".join(map(str, range(12, 30))) + "]"
+    assert short_label(frozen) == "vanilla+frozen_vision_layers=[12..29]"
+    assert short_label("himix+himix_layers=[0, 4, 8, 12]") == "himix+himix_layers=[0..12/4]"
+    for kept in ("x=[1,2]", "x=[3,1,2]", "x=[1,2,4]", "pool+keep_tokens=16", "x=[5,5,5]"):
+        assert short_label(kept) == kept

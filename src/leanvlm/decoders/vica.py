@@ -77,7 +77,9 @@ class ViCADecoder(VanillaDecoder):
         chosen = set(options.vica_layers)
         for index in range(llm.layers):
             cost.layer(m, m, text_pairs + m * n * (index in chosen))
-        cost.add("vision_kv", len(chosen) * n * 2 * llm.hidden * llm.kv_width)
+        # the chosen layers' own k/v projections of the vision tokens, run in the prefill (HiMix's vision K/V run
+        # where images are encoded, and are counted apart)
+        cost.add("kv", len(chosen) * n * 2 * llm.hidden * llm.kv_width)
         cost.add("connector", cls.connector_macs(shape))
         return cost.macs, m
 

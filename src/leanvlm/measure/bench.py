@@ -42,7 +42,7 @@ from leanvlm.measure.flops import (
     model_encoder_flops,
     resolve_llm,
 )
-from leanvlm.reports import figure
+from leanvlm.reports import figure, short_label
 from leanvlm.reports import write_report as write_files
 
 
@@ -385,23 +385,25 @@ def plot(report: dict):
     """Measured against analytic prefill speed-up, and decode time next to KV-cache size, per decoder."""
     results = report["results"]
     names = list(results)
-    canvas, axes = figure(2, (11, 4))
-    width = 0.38
-    x = range(len(names))
+    # horizontal bars, first decoder on top: variant labels stay readable however many there are
+    canvas, axes = figure(2, (13, 2 + 0.45 * len(names)))
+    height = 0.38
+    y = [len(names) - 1 - i for i in range(len(names))]
+    labels = [short_label(n) for n in names]
     measured = [results[n].get("prefill_speedup", 0) for n in names]
     analytic = [results[n].get("analytic_speedup", 0) for n in names]
-    axes[0].bar([i - width / 2 for i in x], measured, width, label="measured prefill speed-up")
-    axes[0].bar([i + width / 2 for i in x], analytic, width, label="analytic speed-up (FLOPs ratio)")
-    axes[0].set_xticks(list(x), names)
-    axes[0].set_ylabel("x faster than vanilla")
-    axes[0].legend()
+    axes[0].barh([i + height / 2 for i in y], measured, height, label="measured prefill speed-up")
+    axes[0].barh([i - height / 2 for i in y], analytic, height, label="analytic speed-up (FLOPs ratio)")
+    axes[0].set_yticks(y, labels)
+    axes[0].set_xlabel("x faster than vanilla")
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(names) - 0.04))
     axes[0].set_title("Prefill from an encoded image")
     kv = [results[n]["kv_cache_bytes"] / 2**20 for n in names]
     decode = [results[n]["decode_ms_per_token"]["median"] for n in names]
-    axes[1].bar([i - width / 2 for i in x], decode, width, label="decode ms/token")
-    axes[1].bar([i + width / 2 for i in x], kv, width, label="KV cache MiB")
-    axes[1].set_xticks(list(x), names)
-    axes[1].legend()
+    axes[1].barh([i + height / 2 for i in y], decode, height, label="decode ms/token")
+    axes[1].barh([i - height / 2 for i in y], kv, height, label="KV cache MiB")
+    axes[1].set_yticks(y, labels)
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(names) - 0.04))
     axes[1].set_title("Decoding")
     s = report["settings"]
     canvas.suptitle(f"{report['title']}, {s['crops']} crop(s), {s['text_tokens']} text tokens, "
