@@ -35,8 +35,8 @@ def reference_logits(model, text_ids, vision_per_layer, separate=False):
     if window is not None:
         causal &= ~torch.ones(m, m, dtype=torch.bool).tril(-window)
     decoder = model.decoder  # with himix_layers, the layers without their own vision K/V see no vision keys
-    modules = [decoder.vision_kv[decoder.vision_slot[i]] if i in decoder.vision_slot else None
-               for i in range(len(llm.model.layers))]
+    own = dict(decoder.vision_kv.items())
+    modules = [own.get(str(i)) for i in range(len(llm.model.layers))]
     for layer, vision_kv, vision in zip(llm.model.layers, modules, vision_per_layer, strict=True):
         hd = layer.self_attn.head_dim
         prefix, n = None, 0
@@ -113,10 +113,23 @@ def test_sparse_layers_equal_the_reference_with_vision_keys_in_those_layers_only
         torch.testing.assert_close(out.logits[b, out.attention_mask[b]], reference, atol=1e-5, rtol=0)
     dense = build("himix", "llama", himix_separate_vision_softmax=separate)
     with torch.no_grad():  # the same weights in layers 0 and 2: the middle layer's vision keys made the difference
-        dense.decoder.vision_kv[0].load_state_dict(model.decoder.vision_kv[0].state_dict())
-        dense.decoder.vision_kv[2].load_state_dict(model.decoder.vision_kv[1].state_dict())
+        dense.decoder.vision_kv["0"].load_state_dict(model.decoder.vision_kv["0"].state_dict())
+        dense.decoder.vision_kv["2"].load_state_dict(model.decoder.vision_kv["2"].state_dict())
         dense.language_model.load_state_dict(model.language_model.state_dict())
         assert (dense(ids, mask, pixel_values=images).logits - out.logits).abs().max() > 1e-4
+
+
+def test_sparse_weights_are_keyed_by_their_layer(tmp_path):
+    """A sparse model's vision K/V are saved under their decoder layer's index (the dense layout when every layer has
+    them), so loading them into other layers shows as missing and unexpected keys instead of passing silently."""
+    from leanvlm import LeanVLMForConditionalGeneration
+
+    model = build("himix", himix_layers=[0, 2])
+    assert {k.split(".")[2] for k in model.state_dict() if k.startswith("decoder.vision_kv.")} == {"0", "2"}
+    model.save_pretrained(tmp_path)
+    _, info = LeanVLMForConditionalGeneration.from_pretrained(tmp_path, himix_layers=[0, 1], output_loading_info=True)
+    assert any(k.startswith("decoder.vision_kv.1.") for k in info["missing_keys"])
+    assert any(k.startswith("decoder.vision_kv.2.") for k in info["unexpected_keys"])
 
 
 @pytest.mark.parametrize("layers", [[], [3], [0, 0], [-1], "0"])
@@ -146,9 +159,9 @@ def test_separate_softmax_with_zero_values_is_the_plain_llm_and_learns_to_see():
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
     loss = model(ids, pixel_values=pixels(1), labels=ids).loss
     loss.backward()
-    assert all(m.v_proj.weight.grad.abs().sum() > 0 for m in model.decoder.vision_kv)
+    assert all(m.v_proj.weight.grad.abs().sum() > 0 for m in model.decoder.vision_kv.values())
     with torch.no_grad():
-        for m in model.decoder.vision_kv:
+        for m in model.decoder.vision_kv.values():
             m.v_proj.weight -= 0.1 * m.v_proj.weight.grad.sign()
         seen = model(ids, pixel_values=pixels(1)).logits[0]
         other = model(ids, pixel_values=pixels(1, seed=7)).logits[0]
@@ -198,7 +211,7 @@ def test_new_vision_kv_modules_follow_the_llm(family, bias):
     kv_width = text.num_key_value_heads * model.language_model.model.layers[0].self_attn.head_dim
     d_v = vision.hidden_size
     assert len(model.decoder.vision_kv) == text.num_hidden_layers
-    for module in model.decoder.vision_kv:
+    for module in model.decoder.vision_kv.values():
         count = sum(p.numel() for p in module.parameters())
         assert count == 2 * d_v * kv_width + (2 * kv_width if bias else 0) + d_v
         assert torch.equal(module.norm.weight, torch.ones(d_v))
@@ -253,7 +266,7 @@ def test_zero_initialised_values_start_from_attention_mass_only(family, tmp_path
     only dilutes the text's attention, which the explicit reference with all-zero vision values reproduces. Loading
     a saved model keeps its trained values."""
     model = build("himix", family, himix_zero_init_values=True)
-    for module in model.decoder.vision_kv:
+    for module in model.decoder.vision_kv.values():
         assert not module.v_proj.weight.any() and (module.v_proj.bias is None or not module.v_proj.bias.any())
         assert module.k_proj.weight.std() > 0
     images = pixels(1)
@@ -263,26 +276,26 @@ def test_zero_initialised_values_start_from_attention_mass_only(family, tmp_path
     layers = model.config.text_config.num_hidden_layers
     torch.testing.assert_close(out, reference_logits(model, [7, 8], [vision] * layers), atol=1e-5, rtol=0)
     with torch.no_grad():
-        for module in model.decoder.vision_kv:
+        for module in model.decoder.vision_kv.values():
             module.v_proj.weight.fill_(0.5)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
-    assert all(bool((m.v_proj.weight == 0.5).all()) for m in loaded.decoder.vision_kv)
+    assert all(bool((m.v_proj.weight == 0.5).all()) for m in loaded.decoder.vision_kv.values())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_matmul_projection_equals_each_layers_norm_and_projections(family, dtype):
     model = build("himix", family, himix_feature_layers=[-1, -2]).to(dtype)
-    for module in model.decoder.vision_kv:  # norm weights and biases away from their initial values
+    for module in model.decoder.vision_kv.values():  # norm weights and biases away from their initial values
         for parameter in module.parameters():
             parameter.data.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.5)
     g = torch.Generator().manual_seed(0)
     features = {layer: torch.randn(2, 16, 24, generator=g).to(dtype) for layer in (-1, -2)}
     with torch.no_grad():
         projected = model.decoder.project_images(features)  # (n, L, 2, H_kv, N, D)
-        for layer, (module, feature_layer) in enumerate(zip(model.decoder.vision_kv, model.decoder.layer_feature,
-                                                            strict=True)):
+        modules = model.decoder.vision_kv.values()
+        for layer, (module, feature_layer) in enumerate(zip(modules, model.decoder.layer_feature, strict=True)):
             key, value = module(features[feature_layer])  # (n, N, H_kv * D)
             for i, expected in enumerate((key, value)):
                 got = projected[:, layer, i].transpose(1, 2).flatten(2)  # (n, N, H_kv * D)

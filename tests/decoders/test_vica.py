@@ -90,6 +90,11 @@ def test_cached_decoding_continues_at_vanilla_positions():
     stepped, full, cache = cached_and_recomputed(model, ids, mask, new, pixel_values=pixels(1))
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
     assert cache.next_position.tolist() == [3 + N + 3, 7 + 3]
+    # a prompt that ends with its image continues after the image's tokens, where vanilla's would
+    ids, mask = left_padded([prompt(model, 5, 6, "<image>")])
+    stepped, full, cache = cached_and_recomputed(model, ids, mask, new[:1], pixel_values=pixels(1))
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+    assert cache.next_position.tolist() == [2 + N + 3]
 
 
 def test_a_trained_vanilla_checkpoint_runs_as_vica(tmp_path):

@@ -168,7 +168,7 @@ def test_bad_requests_say_what_is_wrong():
 
 @pytest.mark.parametrize("crops", [1, 3])  # 3: a base view and sub-crops, each with a newline
 @pytest.mark.parametrize("decoder", list(DECODERS))
-def test_the_prompt_length_the_engine_budgets_is_the_decoder_sequence(decoder, crops):
+def test_the_prompt_length_the_engine_budgets_is_the_positions_the_prompt_takes(decoder, crops):
     model = build(decoder, **OPTIONS.get(decoder, {}), max_crops=crops)
     processor = LeanVLMProcessor.for_model(model, bpe_tokenizer())
     engine = Engine(model, processor)
@@ -177,9 +177,10 @@ def test_the_prompt_length_the_engine_budgets_is_the_decoder_sequence(decoder, c
         extra = {}
         if images:
             extra["pixel_values"], extra["image_crops"] = processor.preprocess_images([i.image for i in images])
-        with torch.no_grad():
-            out = model(torch.tensor([ids]), **extra)
-        assert engine.prompt_length(ids, images) == int(out.attention_mask.sum())
+        cache = model.new_cache()
+        with torch.no_grad():  # where the first generated token goes: the positions the prompt took
+            model(torch.tensor([ids]), cache=cache, **extra)
+        assert engine.prompt_length(ids, images) == int(cache.next_position[0])
 
 
 def test_a_step_that_fails_ends_every_request_it_held_and_the_engine_serves_on(monkeypatch):

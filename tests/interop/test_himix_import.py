@@ -25,7 +25,7 @@ def reference():
     model = LeanVLMForConditionalGeneration.from_parts(
         language_model=text_config("qwen2"), vision_model=vision_config("siglip"), decoder="himix",
         tokenizer=bpe_tokenizer(), vision_feature_select="drop_first").eval()
-    for kv in model.decoder.vision_kv:  # trained-looking values, not the initialisation
+    for kv in model.decoder.vision_kv.values():  # trained-looking values, not the initialisation
         for p in kv.parameters():
             torch.nn.init.normal_(p, std=0.3)
     return model
@@ -34,7 +34,7 @@ def reference():
 def released_llm_state(model) -> dict:
     """The LLM's state dict with each layer's vision norm and K/V under the released names."""
     state = {k: v.clone() for k, v in model.language_model.state_dict().items()}
-    for n, kv in enumerate(model.decoder.vision_kv):
+    for n, kv in enumerate(model.decoder.vision_kv.values()):
         state[f"model.layers.{n}.input_layernorm_img.weight"] = kv.norm.weight.detach().clone()
         for name in ("k", "v"):
             projection = getattr(kv, f"{name}_proj")

@@ -172,5 +172,7 @@ def test_variants_are_extra_rows_with_their_own_options():
     frozen_total = decoder_flops("qwen2-0.5b", "siglip-so400m-384", 64, "vanilla",
                                  frozen_vision_layers=[8, 9, 10, 11])["total_flops"]
     assert data["all_decoders"][frozen] == frozen_total < vanilla
+    unread = CliRunner().invoke(app, [*base, "--variant", "proxyv+keep_tokens=16"])  # no reduction to spend it
+    assert unread.exit_code != 0 and "keep_tokens" in unread.output and "proxyv_token_reduction" in unread.output
     missing = CliRunner().invoke(app, [*base, "--decoder", sparse, "--json"])
     assert missing.exit_code == 2 and "(or a --variant row)" in " ".join(missing.output.replace("│", " ").split())

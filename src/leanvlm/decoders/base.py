@@ -96,6 +96,8 @@ class DecoderInputs:
     vision_mask: torch.Tensor | None = None  # (B, T) bool, True for vision tokens in the sequence
     image_crops: list[list[int]] | None = None  # crops of each image of each sample, in sequence order
     vision_grid: tuple[int, int] | None = None  # (rows, cols) patch grid of one crop's tokens, when they form one
+    # (B,) the position after the block, where it is not the last token's + 1 (vica: a prompt ending in an image)
+    next_position: torch.Tensor | None = None
 
 
 @dataclass
@@ -151,7 +153,9 @@ class DecoderPolicy(nn.Module):
     Options: ClassVar[type[PolicyOptions]] = PolicyOptions
     options_are: ClassVar[str] = "options of this decoder"  # how an error names these options
     groups: ClassVar[tuple[str, ...]] = ()  # every parameter group the policy may create
-    keeps_vision_tokens: ClassVar[bool] = True  # vision tokens hold sequence positions (and may get newlines)
+    keeps_vision_tokens: ClassVar[bool] = True  # vision tokens are rows of the sequence (and may get newlines)
+    # vision tokens take text positions (RoPE), so they count toward the context length (vica's do, as keys only)
+    vision_takes_positions: ClassVar[bool] = True
     needs_patch_grid: ClassVar[bool] = False  # reads each crop's tokens as the encoder's patch grid
     presets: ClassVar[dict[str, Preset]] = {}
 

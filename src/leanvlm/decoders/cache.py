@@ -26,7 +26,7 @@ class DecoderCache(Protocol):
     @property
     def batch_size(self) -> int | None: ...
 
-    def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+    def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor | None], values: list[torch.Tensor | None],
                      upcoming: int) -> None: ...
 
     def begin(self, valid: torch.Tensor, upcoming: int = 0) -> None: ...
@@ -34,7 +34,7 @@ class DecoderCache(Protocol):
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
-    def end(self, valid: torch.Tensor, positions: torch.Tensor) -> None: ...
+    def end(self, valid: torch.Tensor, positions: torch.Tensor, after: torch.Tensor | None = None) -> None: ...
 
     # what an engine needs to run a changing batch
     def row_lengths(self) -> torch.Tensor: ...
@@ -69,14 +69,15 @@ class KVCache:
         self._start, self._upcoming = self.length, upcoming
         self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
 
-    def end(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
+    def end(self, valid: torch.Tensor, positions: torch.Tensor, after: torch.Tensor | None = None) -> None:
         """Close the block, whose tokens had `positions` (B, T): the next one follows each row's last (blocks are
-        padded on the left, so a row's last slot is its last token); a row with no token in the block keeps its
-        next position. Positions may skip what the sequence does not hold, such as vica's vision tokens."""
+        padded on the left, so a row's last slot is its last token), or is `after` (B,) when given; a row with no
+        token in the block keeps its next position. Positions may skip what the sequence does not hold, such as
+        vica's vision tokens."""
         self.length = self.key_valid.shape[1]
         held = valid.any(dim=1)
         before = self.next_position if self.next_position is not None else torch.zeros_like(positions[:, -1])
-        self.next_position = torch.where(held, positions[:, -1] + 1, before)
+        self.next_position = torch.where(held, positions[:, -1] + 1 if after is None else after, before)
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write key/value (B, H_kv, T, D) into the open block; return all keys/values so far (views)."""
@@ -95,7 +96,7 @@ class KVCache:
         has_prefix = self.prefix_layers is None or self.prefix_layers[layer_idx]
         return 0 if has_prefix else self.prefix_len
 
-    def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+    def write_prefix(self, valid: torch.Tensor, keys: list[torch.Tensor | None], values: list[torch.Tensor | None],
                      upcoming: int) -> None:
         """Store position-free prefix keys/values (per layer: (B, H_kv, P, D), or None for a layer without a prefix)
         in front of any text."""

@@ -107,6 +107,7 @@ class HiMixDecoder(DecoderPolicy):
     options_are = "a himix option"
     groups = ("vision_kv",)
     keeps_vision_tokens = False  # vision keys are a position-free set: no layout, no newline
+    vision_takes_positions = False
     presets: ClassVar[dict[str, Preset]] = {
         "two_feature_layers": Preset({"himix_feature_layers": [-2, -1]}),
         "separate_vision_softmax": Preset({"himix_separate_vision_softmax": True}),
@@ -143,18 +144,19 @@ class HiMixDecoder(DecoderPolicy):
         eps = config.text_config.rms_norm_eps
         self.num_layers = len(layers)
         self.vision_layers = list(range(len(layers))) if config.himix_layers is None else list(config.himix_layers)
-        self.vision_slot = {layer: slot for slot, layer in enumerate(self.vision_layers)}
-        self.vision_kv = nn.ModuleList(
-            VisionKV(
+        # keyed by decoder layer (vision_kv.<layer>.*), so that a checkpoint's weights can only load into the
+        # layers they were trained in; with every layer this is the paper's layout
+        self.vision_kv = nn.ModuleDict({
+            str(layer): VisionKV(
                 norm_class(vision_width, eps=eps),
                 vision_width,
                 self.num_kv_heads * self.head_dim,
                 bias=attn.k_proj.bias is not None,
             )
-            for _ in self.vision_layers
-        )
+            for layer in self.vision_layers
+        })
         self.layer_feature = feature_layer_per_decoder_layer(config.feature_layers, len(self.vision_layers))
-        for vision_kv in self.vision_kv:
+        for vision_kv in self.vision_kv.values():
             vision_kv.v_proj.zero_init = config.himix_zero_init_values  # read by the model's weight init
         self.separate_vision_softmax = config.himix_separate_vision_softmax
 
@@ -166,7 +168,7 @@ class HiMixDecoder(DecoderPolicy):
         (n, len(vision_layers), 2, H_kv, N, D), one matmul per group of decoder layers that read the same encoder
         layer."""
         groups = []
-        pairs = zip(self.layer_feature, self.vision_kv, strict=True)
+        pairs = zip(self.layer_feature, self.vision_kv.values(), strict=True)
         for feature_layer, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
             kv = project_vision_kv([module for _, module in group], features[feature_layer])  # (n, N, G, 2, kv)
             n, num_tokens, layers = kv.shape[:3]
@@ -224,7 +226,7 @@ class HiMixDecoder(DecoderPolicy):
     def layer_step(self, layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs: DecoderInputs):
         if not isinstance(mask, HiMixMasks):
             return super().layer_step(layer_idx, layer, hidden, cos, sin, mask, kv_store, inputs)
-        if layer_idx not in self.vision_slot or not mask.prefix_len:  # the layer sees the text keys only
+        if str(layer_idx) not in self.vision_kv or not mask.prefix_len:  # the layer sees the text keys only
             return layer_forward(layer, hidden, cos, sin, mask.text, kv_store, layer_idx)
         if not mask.separate:
             return layer_forward(layer, hidden, cos, sin, mask.joint, kv_store, layer_idx)

@@ -74,7 +74,7 @@ class DecoderRun:
 
     def finish(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         if self.cache is not None:
-            self.cache.end(self.inputs.valid, self.inputs.position_ids)
+            self.cache.end(self.inputs.valid, self.inputs.position_ids, self.inputs.next_position)
         states = tuple(self.states) if self.states is not None else None
         return self.language_model.model.norm(self.hidden), states
 

@@ -16,7 +16,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from leanvlm.decoders.attention import apply_rope
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
     DecoderInputs,
@@ -29,7 +28,7 @@ from leanvlm.decoders.base import (
 )
 from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
 from leanvlm.decoders.himix import HiMixMasks
-from leanvlm.decoders.layer import layer_forward
+from leanvlm.decoders.layer import layer_forward, project_kv
 from leanvlm.decoders.llm import decoder_layers
 from leanvlm.decoders.vanilla import VanillaDecoder
 
@@ -111,7 +110,8 @@ class ViCADecoder(VanillaDecoder):
         if labels is not None:
             text_labels = left_pad([labels[b, keep[b]] for b in rows], IGNORE_INDEX)[0]
         prefix = self._prefix(images_per_sample, context, first, is_image) if order else None
-        return DecoderInputs(embed(text_ids), positions, text_valid, text_labels, prefix)
+        # generation continues after the last image when a prompt ends with one
+        return DecoderInputs(embed(text_ids), positions, text_valid, text_labels, prefix, next_position=span.sum(1))
 
     def _prefix(self, images_per_sample, context: ImageContext, first: torch.Tensor, is_image) -> VisionPrefix:
         """Each sample's projected vision tokens (its images' crops, in order) with their vanilla positions, padded
@@ -135,14 +135,8 @@ class ViCADecoder(VanillaDecoder):
         cos, sin = language_model.model.rotary_emb(vision, vision_positions)
         layers = decoder_layers(language_model)
         keys, values = [None] * len(layers), [None] * len(layers)
-        for index in self.vica_layers:
-            attn = layers[index].self_attn
-            normed = layers[index].input_layernorm(vision)
-            key = attn.k_proj(normed).view(*vision.shape[:2], -1, attn.head_dim)
-            if hasattr(attn, "k_norm"):  # Qwen3: RMSNorm over each head before RoPE
-                key = attn.k_norm(key)
-            keys[index] = apply_rope(key.transpose(1, 2), cos, sin)  # (B, H_kv, P, D)
-            values[index] = attn.v_proj(normed).view(*vision.shape[:2], -1, attn.head_dim).transpose(1, 2)
+        for index in self.vica_layers:  # (B, H_kv, P, D) each
+            keys[index], values[index] = project_kv(layers[index], layers[index].input_layernorm(vision), cos, sin)
         return VisionPrefix(valid, keys, values)
 
     def build_mask(self, key_valid: torch.Tensor, num_queries: int, prefix_len: int, window: int | None):

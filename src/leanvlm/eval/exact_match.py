@@ -327,7 +327,8 @@ def load_model(model_dir: str, variant: str | None = None):
                            + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") for kind, keys in differ.items())
         raise ValueError(f"{model_dir} cannot run as {variant}: its parameters differ ({listed}). A policy can "
                          "take over a saved model only when it has the same parameters, e.g. a trained vanilla model "
-                         "runs as random, pool, divprune or vica, or with vanilla+frozen_vision_layers=[...].")
+                         "runs as random, pool or divprune, as vica when it has no crop newlines, or with "
+                         "vanilla+frozen_vision_layers=[...].")
     return model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), processor
 
 

@@ -122,8 +122,8 @@ class Engine:
         self.image_cache = ImageCache(image_cache_bytes, model_id)
         self.metrics = EngineMetrics()
         self.device = model.get_input_embeddings().weight.device
-        self.keeps_vision_tokens = DECODERS[model.config.decoder].keeps_vision_tokens
-        self.crop_tokens = self._tokens_per_crop() if self.keeps_vision_tokens else 0
+        self.vision_takes_positions = DECODERS[model.config.decoder].vision_takes_positions
+        self.crop_tokens = self._tokens_per_crop() if self.vision_takes_positions else 0
         self.context_length = model.config.text_config.max_position_embeddings
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -176,9 +176,9 @@ class Engine:
                        length)
 
     def prompt_length(self, prompt_ids: list[int], images: list[ImageInput]) -> int:
-        """Decoder positions a prompt takes: its text, plus, for policies that keep vision tokens in the sequence,
-        every crop's tokens (and its newline, when the model has one) in place of each placeholder."""
-        if not self.keeps_vision_tokens:
+        """Decoder positions a prompt takes: its text, plus, for policies whose vision tokens take positions, every
+        crop's tokens (and its newline, when the model has one) in place of each placeholder."""
+        if not self.vision_takes_positions:
             return len(prompt_ids) - len(images)
         per_crop = self.crop_tokens + int(self.model.config.uses_image_newline)
         crops = sum(len(self.processor.crops_of(image.image)) for image in images)

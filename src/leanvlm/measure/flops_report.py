@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from leanvlm.config import parse_variant
 from leanvlm.decoders import BASELINE, DECODERS, option_names
-from leanvlm.measure.flops import decode_flops, decoder_flops, encoder_flops, resolve_encoder_config
+from leanvlm.measure.flops import decode_flops, decoder_flops, encoder_flops, resolve_encoder_config, resolve_llm
 
 
 def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = None, crops: int = 1,
@@ -22,9 +22,16 @@ def run(llm: str, vision: str, text_tokens: int, *, vision_tokens: int | None = 
     rows = [(name, name, options) for name in DECODERS]
     for label in variants:
         _, name, own = parse_variant(label)
-        if tome_r and DECODERS[name].needs_patch_grid:
+        policy = DECODERS[name]
+        if tome_r and policy.needs_patch_grid:
             raise ValueError(f"{label}: {name} reads the patch grid, which token merging (--tome-r {tome_r}) "
                              "dissolves.")
+        # a row's own options are one model's: refuse those it would not read, as its config would
+        mine = {key: value for key, value in own.items() if key in option_names(policy)}
+        try:
+            policy.Options(**mine).resolved(resolve_llm(llm).layers).refuse_unread()
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from error
         rows.append((label, name, {**options, **own}))
     results = {}
     for label, name, row_options in rows:
@@ -102,5 +109,5 @@ def render(report: dict, console) -> None:
         console.print(f"not shown: {', '.join(sorted(set(DECODERS) - set(results)))} (reads the patch grid, which "
                       "token merging dissolves)")
     console.print(f"one decoded token at {tokens['vision'] + tokens['text']} tokens of context: "
-                  f"{report['decode_flops_per_token'] / 1e9:.2f} GFLOPs (every decoder that caches every vision "
-                  "token; a token reduction caches only the kept ones)")
+                  f"{report['decode_flops_per_token'] / 1e9:.2f} GFLOPs (decoders that cache every vision token; less "
+                  "under sparse HiMix, ViCA and token reductions, which cache fewer)")
