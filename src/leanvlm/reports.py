@@ -42,6 +42,12 @@ def figure(columns: int, size: tuple[float, float]) -> tuple[Figure, list]:
     return canvas, list(axes) if columns > 1 else [axes]
 
 
+def listed(items, limit: int) -> str:
+    """The first `limit` of `items` (sorted), joined with commas, and how many more there are: for messages."""
+    items = sorted(items)
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def short_label(label: str) -> str:
     """A variant label for a plot axis: lists of evenly spaced layers written as ranges, e.g.
     `vanilla+frozen_vision_layers=[12,13,...,29]` -> `vanilla+frozen_vision_layers=[12..29]`, `[0,4,8,...,28]` ->

@@ -20,6 +20,7 @@ from leanvlm.data.templates import generation_prompt, to_messages, with_image_pl
 from leanvlm.decoders.base import left_pad
 from leanvlm.eval.metrics import BINARY_SCORES, METRICS, SCORES, multiple_choice_accuracy, option_letter
 from leanvlm.processing import PROCESSOR_FILE
+from leanvlm.reports import listed
 from leanvlm.stats import Z95, accuracy_text, wilson_interval
 
 TRAILING_PUNCTUATION = ".,;:!?"
@@ -320,12 +321,10 @@ def load_model(model_dir: str, variant: str | None = None):
         _, decoder, options = parse_variant(variant)
         overrides = {"decoder": decoder, **options}
     model, info = LeanVLMForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True, **overrides)
-    differ = {kind: sorted(map(str, info[kind])) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-              if info[kind]}
+    differ = {kind: info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]}
     if variant is not None and differ:
-        listed = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:4])}"
-                           + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") for kind, keys in differ.items())
-        raise ValueError(f"{model_dir} cannot run as {variant}: its parameters differ ({listed}). A policy can "
+        keys = "; ".join(f"{kind.replace('_', ' ')}: {listed(map(str, names), 4)}" for kind, names in differ.items())
+        raise ValueError(f"{model_dir} cannot run as {variant}: its parameters differ ({keys}). A policy can "
                          "take over a saved model only when it has the same parameters, e.g. a trained vanilla model "
                          "runs as random, pool or divprune, as vica when it has no crop newlines, or with "
                          "vanilla+frozen_vision_layers=[...].")

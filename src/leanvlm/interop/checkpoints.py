@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch
 
+from leanvlm.reports import listed
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -78,7 +80,7 @@ def one_dtype(*states: dict) -> tuple[torch.dtype, str | None]:
                 cast.append(f"{key} ({str(value.dtype).removeprefix('torch.')})")
     if not cast:
         return dtype, None
-    shown = ", ".join(sorted(cast)[:3]) + (f" and {len(cast) - 3} more" if len(cast) > 3 else "")
+    shown = listed(cast, 3)
     return dtype, (f"The checkpoint mixes float dtypes; {len(cast)} tensors were cast to "
                    f"{str(dtype).removeprefix('torch.')}, the dtype of most of its weights: {shown}.")
 
@@ -93,8 +95,7 @@ def load_strict(module, state: dict, what: str, allowed_missing: tuple[str, ...]
     missing = [k for k in result.missing_keys if k not in allowed_missing]
     for problem, keys in (("lacks", missing), ("has keys leanvlm does not map", result.unexpected_keys)):
         if keys:
-            shown = ", ".join(sorted(keys)[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            raise ValueError(f"The checkpoint's {what} {problem}: {shown}.")
+            raise ValueError(f"The checkpoint's {what} {problem}: {listed(keys, 5)}.")
 
 
 def load_part(config: dict, state: dict, causal_lm: bool, what: str, dtype: torch.dtype):
