@@ -31,6 +31,18 @@ from leanvlm.decoders.layer import Rows, attention_update, layer_forward, projec
 from leanvlm.decoders.llm import decoder_layers
 
 
+def layout_spans(is_text: torch.Tensor, is_image: torch.Tensor, order: list[int], context: ImageContext | None,
+                 per_crop_extra: int = 0) -> torch.Tensor:
+    """(B, T0) positions each prompt slot takes in vanilla's sequence: one per text token, and for each placeholder
+    (its image in `order`, row by row) every crop's tokens plus `per_crop_extra` (a newline)."""
+    span = is_text.long()
+    if order:
+        per_crop = context.tokens.shape[1] + per_crop_extra
+        sizes = torch.tensor([context.crops[image] * per_crop for image in order], device=span.device)
+        span = span.masked_scatter(is_image, sizes)
+    return span
+
+
 class LightVisionMLP(nn.Module):
     """Probe: replaces attention + FFN of the vision tokens in one layer, RMSNorm(W2 SiLU(W1 Win x) + x) with
     d -> d/4 -> d/4 -> d and no bias."""
@@ -208,11 +220,7 @@ class VanillaDecoder(DecoderPolicy):
         is_image = (input_ids == image_token_id) & valid  # (B, T0): the placeholders
         is_text = valid & ~is_image
         order = [image for images in images_per_sample for image in images]  # the placeholders' images, row by row
-        span = is_text.long()  # (B, T0): slots each prompt token takes once laid out
-        if order:
-            per_crop = context.tokens.shape[1] + (self.image_newline is not None)
-            sizes = torch.tensor([context.crops[image] * per_crop for image in order], device=span.device)
-            span = span.masked_scatter(is_image, sizes)
+        span = layout_spans(is_text, is_image, order, context, per_crop_extra=self.image_newline is not None)
         end = span.cumsum(dim=1)  # (B, T0)
         length = int(end[:, -1].max())
         pad = length - end[:, -1]  # (B,) left padding

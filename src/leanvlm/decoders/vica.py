@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from leanvlm.decoders.base import (
     IGNORE_INDEX,
@@ -30,7 +31,7 @@ from leanvlm.decoders.cost import LayerCost, PrefillShape, causal_pairs
 from leanvlm.decoders.himix import HiMixMasks
 from leanvlm.decoders.layer import layer_forward, project_kv
 from leanvlm.decoders.llm import decoder_layers
-from leanvlm.decoders.vanilla import VanillaDecoder
+from leanvlm.decoders.vanilla import VanillaDecoder, layout_spans
 
 
 @dataclass
@@ -96,12 +97,8 @@ class ViCADecoder(VanillaDecoder):
         tokens), and the chosen layers' vision keys/values at the positions of those tokens."""
         is_image = valid & (input_ids == image_token_id)
         keep = valid & ~is_image
-        span = keep.long()  # (B, T0): positions each prompt slot takes in vanilla's sequence
         order = [image for images in images_per_sample for image in images]
-        if order:
-            per_crop = context.tokens.shape[1]
-            sizes = torch.tensor([context.crops[image] * per_crop for image in order], device=span.device)
-            span = span.masked_scatter(is_image, sizes)
+        span = layout_spans(keep, is_image, order, context)  # (B, T0)
         first = span.cumsum(dim=1) - span  # (B, T0): vanilla position of each slot's first token
         rows = range(len(input_ids))
         text_ids, text_valid = left_pad([input_ids[b, keep[b]] for b in rows], 0)
@@ -124,12 +121,10 @@ class ViCADecoder(VanillaDecoder):
             positions.append(torch.cat([start + torch.arange(len(r), device=first.device)
                                         for start, r in zip(starts, rows, strict=True)])
                              if rows else first.new_zeros(0))
-        length = max(len(t) for t in tokens)
-        valid = torch.zeros(len(tokens), length, dtype=torch.bool, device=first.device)
-        vision = tokens[0].new_zeros(len(tokens), length, tokens[0].shape[-1])  # (B, P, d)
-        vision_positions = first.new_zeros(len(tokens), length)
-        for b, (t, p) in enumerate(zip(tokens, positions, strict=True)):
-            vision[b, : len(t)], vision_positions[b, : len(p)], valid[b, : len(t)] = t, p, True
+        vision = pad_sequence(tokens, batch_first=True)  # (B, P, d)
+        vision_positions = pad_sequence(positions, batch_first=True)
+        lengths = torch.tensor([len(t) for t in tokens], device=first.device)
+        valid = torch.arange(vision.shape[1], device=first.device) < lengths[:, None]
         language_model = self._language_model[0]
         vision = vision.to(language_model.get_input_embeddings().weight.dtype)
         cos, sin = language_model.model.rotary_emb(vision, vision_positions)
