@@ -29,3 +29,19 @@ def attention(layer, q_in, kv_in, q_rope, kv_rope, allowed, prefix_kv=None):
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allowed, float("-inf"))  # (1, H, M, P + L)
     return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+
+def vanilla_layout_start(model, out):
+    """What a plain forward over a vanilla-layout batch starts from: (input embeddings (B, T, d), valid (B, T),
+    vision (B, T), RoPE (cos, sin) at the valid tokens' positions, causal (T, T) bool with the LLM's sliding window,
+    which counts slots: padding is on the left)."""
+    from leanvlm.decoders.base import positions_from_valid
+
+    hidden, valid = out.hidden_states[0], out.attention_mask.bool()
+    length = hidden.shape[1]
+    rope = model.language_model.model.rotary_emb(hidden, positions_from_valid(valid))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    window = getattr(model.config.text_config, "sliding_window", None)
+    if window is not None:
+        causal &= (torch.arange(length)[:, None] - torch.arange(length)[None, :]) < window
+    return hidden, valid, out.vision_mask, rope, causal

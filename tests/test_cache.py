@@ -11,6 +11,7 @@ from leanvlm.generation import SamplingParams, sample
 VARIANTS = {
     **{name: (name, {}) for name in DECODERS},
     "proxyv": ("proxyv", dict(proxyv_start_layer=1, proxyv_reduce_factor=2)),  # 4x4 patch grid -> 2x2 proxies
+    "fastv": ("fastv", dict(fastv_layer=1, keep_tokens=5)),  # of 16 tokens; pyramiddrop's default drops too
     # vision keys in some layers only: the other layers' buffers hold no prefix slots
     "himix_sparse": ("himix", dict(himix_layers=[1])),
     "himix_sparse_separate": ("himix", dict(himix_layers=[0, 2], himix_separate_vision_softmax=True)),
@@ -44,8 +45,13 @@ def prefill(model, batch):
 
 
 def recomputed(model, row, images, new_tokens):
-    """Next-token logits (V,) of prompt + new tokens, from one forward without a cache."""
-    return model(torch.tensor([row + new_tokens]), pixel_values=images).logits[0, -1]
+    """Next-token logits (V,) of prompt + new tokens, from one forward without a cache; where the tokens a policy
+    drops depend on the forward's last token, from the prompt's prefill alone and one cached block of the new ones."""
+    if not DECODERS[model.config.decoder].ranks_by_last_token:
+        return model(torch.tensor([row + new_tokens]), pixel_values=images).logits[0, -1]
+    cache = model.new_cache()
+    model.prefill(torch.tensor([row]), pixel_values=images, cache=cache)
+    return model(torch.tensor([new_tokens]), cache=cache).logits[0, -1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

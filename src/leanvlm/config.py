@@ -84,12 +84,18 @@ class LeanVLMConfig(PreTrainedConfig):
     probe_skip_vision_ffn_from_layer: int | None = None
     probe_vision_light_mlp: bool = False
 
-    # Token reduction before the LLM (random, pool, divprune, and proxyv with proxyv_token_reduction;
+    # Token budgets (random, pool, divprune, proxyv with proxyv_token_reduction, and fastv;
     # `ReductionOptions`): vision tokens kept per crop, or the fraction of each crop's tokens kept instead; random's
     # seed for the kept positions (`RandomOptions`).
     keep_tokens: int = 64
     keep_ratio: float | None = None
     random_seed: int = 0
+    # FastV (`FastVOptions`, with the budget above): the first decoder layer that reads only the kept tokens.
+    fastv_layer: int = 2
+    # PyramidDrop (`PyramidDropOptions`): the layers at which each crop keeps a further `pyramid_keep` fraction of
+    # its tokens (None: 1/4, 1/2 and 3/4 of the depth).
+    pyramid_layers: list[int] | None = None
+    pyramid_keep: float = 0.5
     # ViCA (`ViCAOptions`): the decoder layers whose text attends to the vision tokens (None: every fourth).
     vica_layers: list[int] | None = None
 

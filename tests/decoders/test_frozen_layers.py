@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from reference import vanilla_layout_start
 from tiny import build, left_padded, pixels, prompt
 from typer.testing import CliRunner
 
 from leanvlm.cli import app
 from leanvlm.config import parse_variant
-from leanvlm.decoders.base import positions_from_valid
 from leanvlm.measure.flops import Convention, LLMShape, VisionShape, decoder_flops, measured_flops
 
 
@@ -31,13 +31,8 @@ def reference_states(model, out, frozen: set[int]) -> list[torch.Tensor]:
     """Every layer's output by a plain forward through the Hugging Face layers' own attention and MLP modules, where
     the vision rows' attention and FFN updates are computed and zeroed in the `frozen` layers."""
     text_model = model.language_model.model
-    hidden, valid, vision = out.hidden_states[0], out.attention_mask.bool(), out.vision_mask
+    hidden, valid, vision, (cos, sin), causal = vanilla_layout_start(model, out)
     length = hidden.shape[1]
-    cos, sin = text_model.rotary_emb(hidden, positions_from_valid(valid))
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    window = getattr(model.config.text_config, "sliding_window", None)
-    if window is not None:  # Mistral: a query sees the last `window` slots (padding is on the left)
-        causal &= (torch.arange(length)[:, None] - torch.arange(length)[None, :]) < window
     allowed = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool)  # (B, T, T); padding sees itself
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
     states = []

@@ -12,7 +12,7 @@ from leanvlm import DECODERS, LeanVLMProcessor
 from leanvlm.inference.engine import Engine, ImageInput
 from leanvlm.inference.image_cache import ImageCache, content_key
 
-OPTIONS = {"proxyv": dict(proxyv_start_layer=1, proxyv_reduce_factor=2)}
+OPTIONS = {"proxyv": dict(proxyv_start_layer=1, proxyv_reduce_factor=2), "fastv": dict(fastv_layer=1, keep_tokens=5)}
 
 
 def picture(seed: int) -> ImageInput:

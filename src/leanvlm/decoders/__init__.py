@@ -9,9 +9,11 @@ from dataclasses import fields
 from leanvlm.decoders.base import DecoderPolicy, ImageContext, PolicyOptions, Preset
 from leanvlm.decoders.cache import KVCache
 from leanvlm.decoders.divprune import DivPruneDecoder
+from leanvlm.decoders.fastv import FastVDecoder
 from leanvlm.decoders.himix import HiMixDecoder
 from leanvlm.decoders.pool import PoolDecoder
 from leanvlm.decoders.proxyv import ProxyVDecoder
+from leanvlm.decoders.pyramiddrop import PyramidDropDecoder
 from leanvlm.decoders.random import RandomDecoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.decoders.vica import ViCADecoder
@@ -24,6 +26,8 @@ DECODERS: dict[str, type[DecoderPolicy]] = {
     PoolDecoder.name: PoolDecoder,
     DivPruneDecoder.name: DivPruneDecoder,
     ViCADecoder.name: ViCADecoder,
+    FastVDecoder.name: FastVDecoder,
+    PyramidDropDecoder.name: PyramidDropDecoder,
 }
 # The reference every report compares against: LLaVA decoding with all tokens in every layer.
 BASELINE = VanillaDecoder.name

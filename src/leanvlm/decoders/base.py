@@ -157,6 +157,9 @@ class DecoderPolicy(nn.Module):
     # vision tokens take text positions (RoPE), so they count toward the context length (vica's do, as keys only)
     vision_takes_positions: ClassVar[bool] = True
     needs_patch_grid: ClassVar[bool] = False  # reads each crop's tokens as the encoder's patch grid
+    # which vision tokens the layers read depends on the forward's last token (fastv, pyramiddrop): a forward over
+    # prompt + continuation ranks by another token than the prompt's prefill did, which cached decoding continues
+    ranks_by_last_token: ClassVar[bool] = False
     presets: ClassVar[dict[str, Preset]] = {}
 
     @classmethod

@@ -3,8 +3,10 @@
 Slots hold `[prefix | text]` keys in time order, the same layout the mask builder expects; the prefix (HiMix's vision
 keys) is written once at prefill, in the layers that have one (sparse-layer HiMix leaves it out of the others, whose
 buffers then hold the text slots alone). The rows of a batch share one slot count: a row's valid text slots are
-contiguous at the right end of the text segment, its padding slots are marked invalid in `key_valid`. Rows can
-leave (`select`) and join (`merge`) a running batch, so a server can keep decoding while requests finish and arrive.
+contiguous at the right end of the text segment, its padding slots are marked invalid in `key_valid`. Policies that
+drop tokens inside the LLM (fastv, pyramiddrop) hide a slot's keys from the layers after the drop (`hide`): the slot
+stays, so every layer keeps one layout. Rows can leave (`select`) and join (`merge`) a running batch, so a server can
+keep decoding while requests finish and arrive.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class DecoderCache(Protocol):
     prefix_len: int  # position-free slots in front of the text
     length: int  # filled slots, prefix included
     next_position: torch.Tensor | None  # (B,) next text position per row
+    key_until: torch.Tensor | None  # (B, length) layers that see each slot's keys (None: all of them)
+    hidden_from: list[int]  # the layers from which `key_until` hides keys, sorted
 
     @property
     def batch_size(self) -> int | None: ...
@@ -35,6 +39,8 @@ class DecoderCache(Protocol):
         ...
 
     def end(self, valid: torch.Tensor, positions: torch.Tensor, after: torch.Tensor | None = None) -> None: ...
+
+    def hide(self, until: torch.Tensor) -> None: ...
 
     # what an engine needs to run a changing batch
     def row_lengths(self) -> torch.Tensor: ...
@@ -56,6 +62,8 @@ class KVCache:
         self.prefix_layers: list[bool] | None = None  # which layers hold the prefix slots (None: every layer)
         self.length = 0  # filled slots
         self.next_position: torch.Tensor | None = None  # (B,) next text position per sample
+        self.key_until: torch.Tensor | None = None  # (B, length): a slot's keys are seen by layers < key_until
+        self.hidden_from: list[int] = []
         self._start = 0  # first slot of the block being written
         self._upcoming = 0  # slots known to follow the open block (text after a prefix)
 
@@ -68,6 +76,19 @@ class KVCache:
         slots are known to follow, so the first allocation can make room for them too."""
         self._start, self._upcoming = self.length, upcoming
         self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
+        if self.key_until is not None:  # new slots are seen by every layer until hidden
+            self.key_until = torch.cat([self.key_until, self._all_layers(valid)], dim=1)
+
+    def hide(self, until: torch.Tensor) -> None:
+        """Let only layers < `until` (B, T) see the keys of the open block's T slots (`len(keys)`: every layer)."""
+        if self.key_until is None:
+            self.key_until = self._all_layers(self.key_valid)
+        self.key_until[:, self._start :] = until
+        layers = len(self.keys)
+        self.hidden_from = sorted(set(self.hidden_from) | set(until[until < layers].unique().tolist()))
+
+    def _all_layers(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.full(like.shape, len(self.keys), dtype=torch.int16, device=like.device)
 
     def end(self, valid: torch.Tensor, positions: torch.Tensor, after: torch.Tensor | None = None) -> None:
         """Close the block, whose tokens had `positions` (B, T): the next one follows each row's last (blocks are
@@ -164,6 +185,8 @@ class KVCache:
                 kept[:, :, : len(layer_slots)] = buf.index_select(0, rows).index_select(2, layer_slots)
                 store[layer_idx] = kept  # (B', H_kv, S, D)
         self.key_valid = valid[:, slots]
+        if self.key_until is not None:
+            self.key_until = self.key_until[rows][:, slots]
         self.next_position = self.next_position[rows]
         self.prefix_len, self.length = len(prefix_slots), len(slots)
 
@@ -188,6 +211,7 @@ class KVCache:
             self.keys, self.values = list(other.keys), list(other.values)
             self.key_valid, self.next_position = other.key_valid, other.next_position
             self.prefix_len, self.length, self.prefix_layers = other.prefix_len, other.length, other.prefix_layers
+            self.key_until, self.hidden_from = other.key_until, other.hidden_from
             return
         self._check_closed("merge into")
         with_prefix = [cache.prefix_layers for cache in (self, other) if cache.prefix_len]
@@ -206,16 +230,21 @@ class KVCache:
             keys.append(buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]))
             values.append(buf.new_zeros(batch, buf.shape[1], slots, buf.shape[3]))
         valid = self.key_valid.new_zeros(batch, prefix_len + text_len)
-        self._place(keys, values, valid, 0, prefix_len, text_len, has_prefix)
-        other._place(keys, values, valid, self.batch_size, prefix_len, text_len, has_prefix)
-        self.keys, self.values, self.key_valid = keys, values, valid
+        until = None
+        if self.key_until is not None or other.key_until is not None:
+            until = self._all_layers(valid)
+        self._place(keys, values, valid, until, 0, prefix_len, text_len, has_prefix)
+        other._place(keys, values, valid, until, self.batch_size, prefix_len, text_len, has_prefix)
+        self.keys, self.values, self.key_valid, self.key_until = keys, values, valid, until
+        self.hidden_from = sorted(set(self.hidden_from) | set(other.hidden_from))
         self.next_position = torch.cat([self.next_position, other.next_position])
         self.prefix_len, self.length, self.prefix_layers = prefix_len, prefix_len + text_len, prefix_layers
 
-    def _place(self, keys, values, valid, first_row: int, prefix_len: int, text_len: int,
+    def _place(self, keys, values, valid, until, first_row: int, prefix_len: int, text_len: int,
                has_prefix: list[bool]) -> None:
         """Write this cache's rows into rows `first_row:` of larger buffers (per layer (B, H_kv, S, D)) and their
-        key_valid (B, prefix_len + text_len), each segment padded on the left: prefix slots end at `prefix_len`,
+        key_valid (B, prefix_len + text_len) and key_until (or None), each segment padded on the left: prefix
+        slots end at `prefix_len`,
         text slots at `prefix_len + text_len` (`prefix_len` earlier in the layers without a prefix)."""
         rows = slice(first_row, first_row + self.batch_size)
         end = prefix_len + text_len
@@ -229,6 +258,9 @@ class KVCache:
                 dst[rows, :, end - text_count - shift : end - shift] = buf[:, :, own : own + text_count]
         valid[rows, prefix] = self.key_valid[:, : self.prefix_len]
         valid[rows, end - text_count : end] = self.key_valid[:, self.prefix_len :]
+        if until is not None and self.key_until is not None:
+            until[rows, prefix] = self.key_until[:, : self.prefix_len]
+            until[rows, end - text_count : end] = self.key_until[:, self.prefix_len :]
 
     def _room(self) -> int:
         """Allocated slots after the filled ones (kept when rows move, so decoding does not reallocate at once)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -40,6 +42,7 @@ class DecoderRun:
                 cache.write_prefix(prefix.valid.to(self.hidden.device), keys, values, upcoming=self.num_queries)
             cache.begin(inputs.valid)
             self.key_valid, self.prefix_len, self.kv_store = cache.key_valid, cache.prefix_len, cache.update
+            self.key_until, self.hidden_from = cache.key_until, cache.hidden_from
         elif prefix is not None:
             self.key_valid = torch.cat([prefix.valid.to(self.hidden.device), inputs.valid], dim=1)
             self.prefix_len = prefix.valid.shape[1]
@@ -53,13 +56,35 @@ class DecoderRun:
         else:
             self.key_valid, self.prefix_len = inputs.valid, 0
             self.kv_store = lambda layer_idx, key, value: (key, value)
-        self._masks: dict[int | None, object] = {}
+        if cache is None:
+            self.key_until, self.hidden_from = None, []
+        self._masks: dict[tuple[int | None, int], object] = {}
+
+    def key_valid_at(self, layer_idx: int) -> torch.Tensor:
+        """(B, S) the keys layer `layer_idx` may read: valid and not hidden from it."""
+        if self.key_until is None or not self.hidden_from or layer_idx < self.hidden_from[0]:
+            return self.key_valid
+        return self.key_valid & (self.key_until > layer_idx)
 
     def mask(self, layer_idx: int):
+        """The layer's attention mask; one per sliding window and per set of hidden keys."""
         window = sliding_window(self.language_model, layer_idx)
-        if window not in self._masks:
-            self._masks[window] = self.policy.build_mask(self.key_valid, self.num_queries, self.prefix_len, window)
-        return self._masks[window]
+        key = (window, bisect.bisect_right(self.hidden_from, layer_idx))
+        if key not in self._masks:
+            self._masks[key] = self.policy.build_mask(self.key_valid_at(layer_idx), self.num_queries,
+                                                      self.prefix_len, window)
+        return self._masks[key]
+
+    def hide(self, until: torch.Tensor) -> None:
+        """Let only layers < `until` (B, T) see the keys of this forward's T tokens, from the next layer run on."""
+        if self.cache is not None:
+            self.cache.hide(until)
+            self.key_until, self.hidden_from = self.cache.key_until, self.cache.hidden_from
+        else:
+            layers = len(self.layers)
+            earlier = self.key_valid.shape[1] - until.shape[1]  # prefix slots: seen by every layer
+            self.key_until = torch.cat([until.new_full((len(until), earlier), layers), until], dim=1)
+            self.hidden_from = sorted(set(self.hidden_from) | set(until[until < layers].unique().tolist()))
 
     def run_layers(self, start: int, stop: int) -> None:
         for layer_idx in range(start, stop):
