@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
     monkeypatch.setenv("LEANVLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--train", "16", "--val", "4", "--test", "7",
-                                      "stages.0.steps=1", "stages.1.steps=1", "eval.max_samples=4"])
+                                      "stages.0.steps=2", "eval.max_samples=4"])
     assert result.exit_code == 0, result.output
     assert "new image:" in result.output and "overall" in result.output
     report = json.loads((out / "demo.json").read_text())
@@ -36,11 +36,11 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
     expected = encoder_flops("dinov2-s14-224", layers=8)["total_flops"] / 1e9
     assert report["encoder_gflops_per_sample"] == pytest.approx(expected, abs=1e-3)
     assert "+ encoder" in result.output
-    assert [stage["name"] for stage in report["stages"]] == ["align", "instruct"]
+    assert [stage["name"] for stage in report["stages"]] == ["train"]
     assert (out / "new-image.png").is_file() and report["new_question"]["prediction"] is not None
     model = LeanVLMForConditionalGeneration.from_pretrained(report["model"])
     assert model.config.decoder == "himix" and model.config.text_config.num_hidden_layers == 30
-    assert LeanVLMProcessor.from_pretrained(report["model"]).template == "chat"
+    assert LeanVLMProcessor.from_pretrained(report["model"]).template == "plain"
     # the same command again reuses the generated data and the converted parts
     assert (tmp_path / "cache" / "shapesvqa").is_dir() and (tmp_path / "cache" / "smollm2-135m").is_dir()
 
@@ -97,7 +97,7 @@ def test_compare_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
     assert finished_run(recipe) is None  # no saved model in it
     (tmp_path / "run" / "model" / "config.json").write_text("{}")
     assert finished_run(recipe) == summary
-    other = demo_recipe(str(tmp_path / "data"), str(tmp_path / "run"), "himix", ["stages.1.steps=7"])
+    other = demo_recipe(str(tmp_path / "data"), str(tmp_path / "run"), "himix", ["stages.0.steps=7"])
     assert finished_run(other) is None  # a different recipe in the same place is trained again
 
 

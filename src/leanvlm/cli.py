@@ -234,7 +234,7 @@ def demo(
     train_samples: int = typer.Option(DEMO_TRAIN, "--train", min=16, help="ShapesVQA training images."),
     val_samples: int = typer.Option(DEMO_VAL, "--val", min=1, help="ShapesVQA validation questions."),
     test_samples: int = typer.Option(DEMO_TEST, "--test", min=7, help="ShapesVQA test questions."),
-    overrides: list[str] = typer.Argument(None, help="Recipe overrides, e.g. stages.1.steps=300."),
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides, e.g. stages.0.steps=300."),
 ) -> None:
     """The main job: SmolLM2-135M + DINOv2-S -> a ShapesVQA VLM trained on this machine in two stages, its test
     accuracy per question family, its decoder FLOPs against vanilla, and an answer about a new image."""
@@ -259,7 +259,7 @@ def compare(
     test_samples: int = typer.Option(DEMO_TEST, "--test", min=7, help="ShapesVQA test questions."),
     equal_time: bool = typer.Option(False, "--equal-time", help=f"Also train each other variant for the steps that "
                                     f"fit {BASELINE}'s training time (needs {BASELINE} among the decoders)."),
-    overrides: list[str] = typer.Argument(None, help="Recipe overrides for every variant, e.g. stages.1.steps=300."),
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides for every variant, e.g. stages.0.steps=300."),
 ) -> None:
     """Train the demo recipe for each decoder on the same data, steps and seed; compare accuracy per family (95%
     intervals, answer priors, a paired test against vanilla) with analytic decoder FLOPs, measured prefill time and

@@ -1,7 +1,8 @@
 """Conversation templates: a LLaVA-format conversation -> text segments, each marked as scored (assistant) or not.
 
 - "chat": the tokenizer's own `chat_template`; assistant spans are found by rendering the conversation turn by turn.
-- "plain": alignment captions: the human turn (the image) as context, the caption + end-of-sequence scored.
+- "plain": each human turn as context and each answer + end-of-sequence scored, with nothing between them and no
+  system turn: alignment captions, and the demo's short answers at under half the chat template's tokens.
 - "vicuna_v1": LLaVA-1.5's `USER: ... ASSISTANT: ...</s>` format with its system line.
 """
 
