@@ -25,8 +25,8 @@ def test_wrong_pixel_values_shape(bad):
 
 
 def test_unknown_decoder_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"Unknown decoder .fastv.*vanilla, himix, proxyv"):
-        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), decoder="fastv")
+    with pytest.raises(ValueError, match=r"Unknown decoder .sparsevlm.*vanilla, himix, proxyv"):
+        LeanVLMForConditionalGeneration.from_parts(text_config(), vision_config(), decoder="sparsevlm")
     with pytest.raises(ValueError, match="available decoders"):
         LeanVLMConfig(text_config=text_config(), vision_config=vision_config(), decoder="HiMix")
 

@@ -77,7 +77,7 @@ def test_bench_cli_writes_the_report(tiny_model_dir, tmp_path):
 
 def test_bench_cli_refuses_bad_input_before_building_anything(tiny_model_dir, tmp_path):
     runner = CliRunner()
-    for args, hint in [(["--decoder", "fastv"], "fastv"), (["--repeats", "0"], "repeats"),
+    for args, hint in [(["--decoder", "sparsevlm"], "sparsevlm"), (["--repeats", "0"], "repeats"),
                        (["--model", str(tmp_path)], "no saved model"), (["--llm", "gpt-9"], "qwen2-0.5b"),
                        (["--device", "tpu"], "device")]:
         result = runner.invoke(app, ["bench", "--out", str(tmp_path), *args])
