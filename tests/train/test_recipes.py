@@ -36,6 +36,8 @@ POLICY_GROUPS = {
     "pool": {"connector", "image_newline"},
     "divprune": {"connector", "image_newline"},
     "vica": {"connector"},
+    "fastv": {"connector", "image_newline"},
+    "pyramiddrop": {"connector", "image_newline"},
 }
 PARTS = {"language_model", "vision_model"}
 
@@ -205,7 +207,7 @@ def test_group_table_matches_the_decoders():
         "himix": {},
         "proxyv": {"image_newline": True, "proxyv_proxy_init": "learned", "proxyv_start_layer": 1,
                    "proxyv_reduce_factor": 2},
-        **{name: {"image_newline": True} for name in ("random", "pool", "divprune")},
+        **{name: {"image_newline": True} for name in ("random", "pool", "divprune", "fastv", "pyramiddrop")},
         "vica": {},
     }
     assert set(POLICY_GROUPS) == set(DECODERS)
