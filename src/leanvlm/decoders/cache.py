@@ -16,6 +16,11 @@ from typing import Protocol
 import torch
 
 
+def hidden_from(known: list[int], until: torch.Tensor, layers: int) -> list[int]:
+    """The layers from which some key is hidden: `known` and those `until` (visible to layers < until) adds."""
+    return sorted(set(known) | set(until[until < layers].unique().tolist()))
+
+
 class DecoderCache(Protocol):
     """What the layer runner and the model need from a key/value cache. A prefill writes the optional prefix, then
     every forward opens a block (`begin`), lets each layer write its keys (`update`) and closes it (`end`)."""
@@ -84,8 +89,7 @@ class KVCache:
         if self.key_until is None:
             self.key_until = self._all_layers(self.key_valid)
         self.key_until[:, self._start :] = until
-        layers = len(self.keys)
-        self.hidden_from = sorted(set(self.hidden_from) | set(until[until < layers].unique().tolist()))
+        self.hidden_from = hidden_from(self.hidden_from, until, len(self.keys))
 
     def _all_layers(self, like: torch.Tensor) -> torch.Tensor:
         return torch.full(like.shape, len(self.keys), dtype=torch.int16, device=like.device)

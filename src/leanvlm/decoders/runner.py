@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from leanvlm.decoders.base import DecoderInputs, DecoderPolicy
-from leanvlm.decoders.cache import DecoderCache
+from leanvlm.decoders.cache import DecoderCache, hidden_from
 from leanvlm.decoders.llm import decoder_layers, sliding_window
 
 
@@ -84,7 +84,7 @@ class DecoderRun:
             layers = len(self.layers)
             earlier = self.key_valid.shape[1] - until.shape[1]  # prefix slots: seen by every layer
             self.key_until = torch.cat([until.new_full((len(until), earlier), layers), until], dim=1)
-            self.hidden_from = sorted(set(self.hidden_from) | set(until[until < layers].unique().tolist()))
+            self.hidden_from = hidden_from(self.hidden_from, until, layers)
 
     def run_layers(self, start: int, stop: int) -> None:
         for layer_idx in range(start, stop):
