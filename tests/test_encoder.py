@@ -7,7 +7,8 @@ import torch
 from tiny import VISION_KINDS, build, pixels, vision_config
 from transformers import AutoModel
 
-from leanvlm.encoder import layer_modules, run_encoder
+from leanvlm.decoders.base import attention_key
+from leanvlm.encoder import CLS_FIRST, layer_modules, run_encoder
 
 
 def encoder(kind: str, seed: int = 0):
@@ -26,6 +27,39 @@ def test_every_hidden_state_equals_hugging_faces(kind):
         ours = run_encoder(model, images, [0, 1, 2, -2, -1])
     for index, hidden in ours.items():
         torch.testing.assert_close(hidden, reference[index], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", VISION_KINDS)
+@pytest.mark.parametrize("state", [1, 2, -1])
+def test_the_attention_summary_equals_hugging_faces_attention_weights_and_keys(kind, state):
+    """Column 0: the CLS row of the layer's attention probabilities (CLIP, DINOv2) or their mean over queries
+    (SigLIP), averaged over heads; the rest: the layer's keys averaged over heads. From HF's eager attention."""
+    model = encoder(kind)
+    model.config._attn_implementation = "eager"
+    images = pixels(3)
+    layer = layer_modules(model)[state - 1 if state > 0 else state]
+    keys = []
+    projection = layer.attention.k_proj if kind == "dinov2" else layer.self_attn.k_proj
+    projection.register_forward_hook(lambda module, args, out: keys.append(out))
+    with torch.no_grad():
+        out = model(pixel_values=images, output_hidden_states=True, output_attentions=True)
+        ours = run_encoder(model, images, [state], summaries=[state])
+    probs = out.attentions[state - 1 if state > 0 else state]  # (n, heads, S, S)
+    received = probs[:, :, 0].mean(dim=1) if model.config.model_type in CLS_FIRST else probs.mean(dim=(1, 2))
+    heads = model.config.num_attention_heads
+    mean_key = keys[0].unflatten(-1, (heads, -1)).mean(dim=2)  # (n, S, D)
+    summary = ours[attention_key(state)]
+    torch.testing.assert_close(summary[..., 0], received, rtol=0, atol=1e-6)
+    torch.testing.assert_close(summary[..., 1:], mean_key, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[state], out.hidden_states[state], rtol=0, atol=1e-5)  # SDPA against eager
+
+
+@pytest.mark.parametrize(("summaries", "options", "message"), [
+    ([0], {}, "embeddings"), ([1], {"merge_per_layer": 2}, "tome_r=0"),
+])
+def test_attention_summaries_refuse_what_they_cannot_describe(summaries, options, message):
+    with pytest.raises(ValueError, match=message):
+        run_encoder(encoder("clip"), pixels(1), [1], summaries=summaries, **options)
 
 
 @pytest.mark.parametrize("kind", VISION_KINDS)

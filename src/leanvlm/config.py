@@ -8,7 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
 from leanvlm.decoders.llm import check_supported_text_config
-from leanvlm.encoder import ENCODER_TYPES
+from leanvlm.encoder import ENCODER_TYPES, split_feature_keys
 
 IMAGE_TOKEN = "<image>"
 
@@ -84,12 +84,14 @@ class LeanVLMConfig(PreTrainedConfig):
     probe_skip_vision_ffn_from_layer: int | None = None
     probe_vision_light_mlp: bool = False
 
-    # Token budgets (random, pool, divprune, proxyv with proxyv_token_reduction, and fastv;
+    # Token budgets (random, pool, divprune, visionzip, proxyv with proxyv_token_reduction, and fastv;
     # `ReductionOptions`): vision tokens kept per crop, or the fraction of each crop's tokens kept instead; random's
     # seed for the kept positions (`RandomOptions`).
     keep_tokens: int = 64
     keep_ratio: float | None = None
     random_seed: int = 0
+    # VisionZip (`VisionZipOptions`): merged contextual tokens per crop, of the budget; None = 10 of every 64
+    visionzip_contextual: int | None = None
     # FastV (`FastVOptions`, with the budget above): the first decoder layer that reads only the kept tokens.
     fastv_layer: int = 2
     # PyramidDrop (`PyramidDropOptions`): the layers at which each crop keeps a further `pyramid_keep` fraction of
@@ -138,6 +140,7 @@ class LeanVLMConfig(PreTrainedConfig):
             )
         self._validate_policy_options()
         self._validate_token_merging()
+        self._validate_attention_summaries()
         num_states = getattr(self.vision_config, "num_hidden_layers", None)
         if num_states is not None:  # hidden_states holds the embeddings plus one state per encoder layer
             num_states += 1
@@ -181,6 +184,22 @@ class LeanVLMConfig(PreTrainedConfig):
                 f"layers {self.feature_layers} cannot be combined; read one layer with it."
             )
 
+    def _validate_attention_summaries(self) -> None:
+        """A decoder that ranks tokens by the encoder's attention (visionzip) needs leanvlm's own encoder loop, the
+        unmerged tokens, and a feature layer that some encoder layer outputs."""
+        summarised = split_feature_keys(self.feature_keys)[1]
+        if not summarised:
+            return
+        what = f"The {self.decoder} decoder ranks tokens by the encoder's attention, so"
+        if self.vision_config.model_type not in ENCODER_TYPES:
+            raise ValueError(f"{what} it needs a {', '.join(ENCODER_TYPES)} encoder, not "
+                             f"{self.vision_config.model_type}.")
+        if self.tome_r:
+            raise ValueError(f"{what} it reads the tokens as the encoder layer saw them; use tome_r=0 with it.")
+        if any(layer % (self.vision_config.num_hidden_layers + 1) == 0 for layer in summarised):
+            raise ValueError(f"{what} its vision_feature_layer must be the output of an encoder layer (1 or more, or "
+                             "negative), not the embeddings (0).")
+
     def _validate_policy_options(self) -> None:
         """Options of other policies only must stay at their defaults (one option may belong to several policies,
         e.g. `keep_tokens`); this policy's own are checked and resolved (e.g. ProxyV's start layer defaults to the
@@ -214,6 +233,12 @@ class LeanVLMConfig(PreTrainedConfig):
     def feature_layers(self) -> list[int]:
         """Vision-encoder hidden-state indices the decoder consumes."""
         return DECODERS[self.decoder].feature_layers(self)
+
+    @property
+    def feature_keys(self) -> list:
+        """Every encoder output the decoder reads (its feature layers and any attention summaries), as the feature
+        cache keys them."""
+        return DECODERS[self.decoder].feature_keys(self)
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:

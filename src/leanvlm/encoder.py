@@ -1,10 +1,12 @@
 """leanvlm's own forward of the Hugging Face vision encoders it drives (SigLIP, CLIP, DINOv2): the HF modules and
 weights, leanvlm's loop over them.
 
-Owning the loop buys two things the HF forward cannot give without patching transformers:
+Owning the loop buys what the HF forward cannot give without patching transformers:
 - only the layers up to the deepest hidden state the model reads run (LLaVA's usual -2 skips the last layer, a
   DINOv2 read at hidden state 8 of 12 skips four), and never the pooling head or the final norm;
-- token merging between attention and MLP (ToMe, `leanvlm.tome`), with size-weighted attention.
+- token merging between attention and MLP (ToMe, `leanvlm.tome`), with size-weighted attention;
+- a layer's attention summary (`leanvlm.decoders.base.attention_key`) next to its hidden state, for selection by
+  encoder attention (VisionZip), while every layer keeps running on SDPA.
 
 Other encoders run their own HF forward, whole. Hidden-state indices are those of HF's `output_hidden_states`: 0
 is the embeddings (after CLIP's pre-norm), k the output of layer k, negative indices count from the end.
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanvlm.decoders.base import attention_key
 from leanvlm.tome import bipartite_merge, size_bias
 
 ENCODER_TYPES = ("siglip_vision_model", "clip_vision_model", "dinov2")
@@ -39,6 +42,29 @@ class Block:
     norm2: nn.Module
     mlp: nn.Module
     scale2: nn.Module
+
+
+def split_feature_keys(keys) -> tuple[list[int], list[int]]:
+    """Feature keys (hidden-state ints and `attention_key`s) -> (hidden-state indices, summarised indices)."""
+    prefix = attention_key(0)[:-1]
+    states, summaries = [], []
+    for key in keys:
+        if isinstance(key, int):
+            states.append(key)
+        elif isinstance(key, str) and key.startswith(prefix):
+            summaries.append(int(key[len(prefix):]))
+        else:
+            raise ValueError(f"Feature key {key!r}: a key is a hidden-state index (int) or attention_key(index).")
+    return states, summaries
+
+
+def attention_summary(q: torch.Tensor, k: torch.Tensor, cls_first: bool) -> torch.Tensor:
+    """q, k (n, heads, S, D) of one layer -> its attention summary (n, S, 1 + D) (see `attention_key`), in fp32."""
+    q, k = q.float(), k.float()
+    queries = q[:, :, :1] if cls_first else q  # the CLS row alone, or every query
+    probs = torch.softmax(queries @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # (n, heads, 1 or S, S)
+    received = probs.mean(dim=(1, 2))  # (n, S)
+    return torch.cat([received[..., None], k.mean(dim=1)], dim=-1)
 
 
 def layer_modules(vision_model: nn.Module) -> nn.ModuleList:
@@ -77,9 +103,11 @@ def layers_needed(num_layers: int, feature_layers: list[int]) -> int:
 
 
 def run_encoder(
-    vision_model: nn.Module, pixel_values: torch.Tensor, states: list[int], merge_per_layer: int = 0
-) -> dict[int, torch.Tensor]:
-    """{hidden-state index: (n, S_k, d)} for the requested `states`, running only the layers they need.
+    vision_model: nn.Module, pixel_values: torch.Tensor, states: list[int], merge_per_layer: int = 0,
+    summaries: list[int] = (),
+) -> dict:
+    """{hidden-state index: (n, S_k, d)} for the requested `states`, and {attention_key(index): summary} for the
+    hidden states in `summaries` (index >= 1: the layer that outputs it), running only the layers they need.
 
     merge_per_layer: ToMe's r, the tokens merged away in every layer (0 = the plain encoder, bit for bit the HF
     computation). Merging keeps the prefix tokens (CLS) first and unmerged; the patch tokens that remain are
@@ -87,33 +115,47 @@ def run_encoder(
     """
     config = vision_model.config
     if config.model_type not in ENCODER_TYPES:  # any other encoder: its own forward, every layer
-        if merge_per_layer:
-            raise ValueError(f"Token merging runs in {', '.join(ENCODER_TYPES)} encoders, not "
-                             f"{config.model_type}.")
+        if merge_per_layer or summaries:
+            raise ValueError(f"Token merging and attention summaries run in {', '.join(ENCODER_TYPES)} encoders, "
+                             f"not {config.model_type}.")
         hidden_states = vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         return {index: hidden_states[index] for index in states}
     layers = layer_modules(vision_model)
-    depth = layers_needed(len(layers), states)
+    depth = layers_needed(len(layers), [*states, *summaries])
+    states_count = len(layers) + 1
+    summarised = {index % states_count for index in summaries}
+    if 0 in summarised:
+        raise ValueError("Hidden state 0 is the embeddings, which no attention layer outputs; an attention summary "
+                         "needs a hidden state of index 1 or more.")
+    if summarised and merge_per_layer:
+        raise ValueError("Attention summaries describe the tokens a layer reads, which token merging changes; use "
+                         "them with tome_r=0.")
     hidden = embed(vision_model, pixel_values)
     sizes = None  # patches per token, once tokens have merged
     outputs = {0: hidden}
     heads = config.num_attention_heads
     for i, layer in enumerate(layers[:depth], start=1):
-        hidden, sizes = _layer(block(layer, config.model_type), hidden, heads, sizes, merge_per_layer,
-                               config.model_type in CLS_FIRST)
+        hidden, sizes, summary = _layer(block(layer, config.model_type), hidden, heads, sizes, merge_per_layer,
+                                        config.model_type in CLS_FIRST, summarise=i in summarised)
         outputs[i] = hidden
-    return {index: outputs[index % (len(layers) + 1)] for index in states}
+        if summary is not None:
+            outputs[attention_key(i)] = summary
+    return {**{index: outputs[index % states_count] for index in states},
+            **{attention_key(index): outputs[attention_key(index % states_count)] for index in summaries}}
 
 
-def _layer(parts: Block, hidden: torch.Tensor, heads: int, sizes: torch.Tensor | None, merge: int, keep_first: bool):
+def _layer(parts: Block, hidden: torch.Tensor, heads: int, sizes: torch.Tensor | None, merge: int, cls_first: bool,
+           summarise: bool = False):
     """x + attention, [merge r tokens], x + MLP; attention logits add log(size) of each key (proportional attention),
-    so a merged token counts as the patches it stands for."""
+    so a merged token counts as the patches it stands for. Returns the new hidden states and sizes, and the layer's
+    attention summary when asked (None otherwise)."""
     n, seq, _ = hidden.shape
     normed = parts.norm1(hidden)
     q, k, v = (proj(normed).view(n, seq, heads, -1).transpose(1, 2) for proj in (parts.q, parts.k, parts.v))
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(sizes, q.dtype))  # (n, heads, S, D)
+    summary = attention_summary(q, k, cls_first).to(hidden.dtype) if summarise else None
     hidden = hidden + parts.scale1(parts.o(attended.transpose(1, 2).reshape(n, seq, -1)))
     if merge:
-        hidden, sizes = bipartite_merge(hidden, k.mean(dim=1), sizes, merge, keep_first)
+        hidden, sizes = bipartite_merge(hidden, k.mean(dim=1), sizes, merge, cls_first)
     hidden = hidden + parts.scale2(parts.mlp(parts.norm2(hidden)))
-    return hidden, sizes
+    return hidden, sizes, summary

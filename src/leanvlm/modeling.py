@@ -236,7 +236,7 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
                     f"An image has {max(crops)} crops but this model takes at most max_crops={self.config.max_crops}."
                 )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            features = encode_features(self.vision_model, pixel_values, self.config.feature_layers,
+            features = encode_features(self.vision_model, pixel_values, self.config.feature_keys,
                                        self.config.vision_feature_select, self.config.tome_r)
         num_tokens = next(iter(features.values())).shape[1]
         grid = patch_grid(pixel_values, self.config.vision_config.patch_size, num_tokens)
@@ -246,14 +246,15 @@ class LeanVLMForConditionalGeneration(LeanVLMPreTrainedModel):
         """An image context from encoder features {layer: (n_crops, N, d_v)} (e.g. from the feature cache). `grid` is
         the patch grid of each crop's N features; without it, square crops are assumed: the N features form a
         sqrt(N) x sqrt(N) grid when N is a square. The context's grid is that of the tokens the decoder keeps."""
-        missing = [layer for layer in self.config.feature_layers if layer not in features]
+        missing = [key for key in self.config.feature_keys if key not in features]
         if missing:
-            raise ValueError(f"vision_features lacks encoder layer(s) {missing}; this model reads "
-                             f"{self.config.feature_layers}.")
+            raise ValueError(f"vision_features lacks encoder output(s) {missing}; this model reads "
+                             f"{self.config.feature_keys}. Encode the features for this model (its decoder and "
+                             "options), e.g. with `leanvlm data encode --model`.")
         dtype = self.get_input_embeddings().weight.dtype
         device = self.get_input_embeddings().weight.device
         tokens = self.decoder.project_images(
-            {layer: features[layer].to(device, dtype) for layer in self.config.feature_layers}
+            {key: features[key].to(device, dtype) for key in self.config.feature_keys}
         )
         num_features = features[self.config.feature_layers[0]].shape[1]
         if grid is None and not self.config.tome_r:  # merged tokens form no grid

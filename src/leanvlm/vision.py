@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanvlm.encoder import CLS_FIRST, run_encoder
+from leanvlm.encoder import CLS_FIRST, run_encoder, split_feature_keys
 
 # Encoders whose learned position embeddings fix the input resolution (no interpolation by default).
 FIXED_RESOLUTION_ENCODERS = ("clip_vision_model", "siglip_vision_model")
@@ -48,19 +48,23 @@ def select_tokens(hidden: torch.Tensor, prefix: int, select: str) -> torch.Tenso
 
 
 def encode_features(
-    vision_model: nn.Module, pixel_values: torch.Tensor, layers: list[int], select: str, merge_per_layer: int = 0
-) -> dict[int, torch.Tensor]:
-    """Run the encoder once, up to the deepest requested layer; return {hidden-state index: (n_images, N, d_v)}.
-    merge_per_layer: ToMe's r (`leanvlm.tome`), 0 = the plain encoder."""
+    vision_model: nn.Module, pixel_values: torch.Tensor, keys: list, select: str, merge_per_layer: int = 0
+) -> dict:
+    """Run the encoder once, up to the deepest requested layer; return {key: (n_images, N, ...)} for `keys`:
+    hidden-state indices (features (n_images, N, d_v)) and `leanvlm.encoder.attention_key`s (attention summaries
+    (n_images, N, 1 + D)), over the same selected tokens. merge_per_layer: ToMe's r (`leanvlm.tome`), 0 = the plain
+    encoder."""
     config = vision_model.config
     check_pixel_values(pixel_values, config)
     dtype = next(vision_model.parameters()).dtype
-    states = run_encoder(vision_model, pixel_values.to(dtype), sorted(set(layers)), merge_per_layer)
+    states, summaries = split_feature_keys(keys)
+    outputs = run_encoder(vision_model, pixel_values.to(dtype), sorted(set(states)), merge_per_layer,
+                          sorted(set(summaries)))
     patch = config.patch_size
     patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
     # tokens before the patches: CLS or registers, wherever tokens were not merged; merging keeps only CLS
-    prefix = int(config.model_type in CLS_FIRST) if merge_per_layer else next(iter(states.values())).shape[1] - patches
-    return {layer: select_tokens(hidden, prefix, select) for layer, hidden in states.items()}
+    prefix = int(config.model_type in CLS_FIRST) if merge_per_layer else next(iter(outputs.values())).shape[1] - patches
+    return {key: select_tokens(tensor, prefix, select) for key, tensor in outputs.items()}
 
 
 def patch_grid(pixel_values: torch.Tensor, patch: int, num_tokens: int) -> tuple[int, int] | None:

@@ -128,7 +128,7 @@ def test_cached_features_equal_on_the_fly_ones(setup, tmp_path, decoder, options
     assert encode_images_to_cache(*encode, plain.image_paths(), cache) == 0  # nothing left to encode
     reopened = FeatureCache(str(tmp_path / "features"), model_feature_signature(model, processor))
     cached = LLaVADataset(str(path), processor, template="vicuna_v1", feature_cache=reopened,
-                          feature_layers=model.config.feature_layers)
+                          feature_keys=model.config.feature_layers)
     collate = Collator(processor)
     from_pixels = collate([plain[i] for i in range(4)])
     from_cache = collate([cached[i] for i in range(4)])
@@ -142,7 +142,7 @@ def test_cached_features_equal_on_the_fly_ones(setup, tmp_path, decoder, options
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     other = FeatureCache(str(tmp_path / "features"), "another-encoder")
     with pytest.raises(KeyError, match="leanvlm data encode"):
-        LLaVADataset(str(path), processor, feature_cache=other, feature_layers=[-2])[0]
+        LLaVADataset(str(path), processor, feature_cache=other, feature_keys=[-2])[0]
 
 
 def test_data_encode_cli_features_serve_a_model_built_from_the_same_encoder(setup, tmp_path):
@@ -169,7 +169,7 @@ def test_data_encode_cli_features_serve_a_model_built_from_the_same_encoder(setu
     processor = LeanVLMProcessor.for_model(model, tokenizer)
     cache = FeatureCache(str(out), model_feature_signature(model, processor))
     assert cache.signature == settings["signature"]
-    cached = LLaVADataset(str(path), processor, feature_cache=cache, feature_layers=[-2])
+    cached = LLaVADataset(str(path), processor, feature_cache=cache, feature_keys=[-2])
     plain = LLaVADataset(str(path), processor)
     collate = Collator(processor)
     from_pixels, from_cache = collate([plain[1]]), collate([cached[1]])

@@ -89,7 +89,7 @@ def test_counted_flops_equal_the_analytic_count(name, preset, crops):
     measured = measured_flops(model, ids, pixel_values=pixels(crops), image_crops=[crops])
     newlines = crops if model.config.uses_image_newline else 0
     options = {option: getattr(model.config, option) for option in option_names(DECODERS[name])}
-    analytic = decoder_flops(LLMShape.from_config(model.config), VisionShape(TOKENS_PER_CROP, 24), 20 + newlines,
+    analytic = decoder_flops(LLMShape.from_config(model.config), VisionShape(TOKENS_PER_CROP, 24, 2), 20 + newlines,
                              name, crops=crops, convention=Convention(attention="full", lm_head="last"), **options)
     assert measured == analytic["total_flops"]
 

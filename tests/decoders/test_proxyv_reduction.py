@@ -86,12 +86,13 @@ def test_spatial_proxies_refuse_a_reduction_that_forms_no_grid(reduction, tmp_pa
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"keep_tokens": 8}, r"keep_tokens: an option of proxyv_token_reduction='random' or 'pool' or 'divprune', but it "
-                         "is None"),
+    ({"keep_tokens": 8}, r"keep_tokens: an option of proxyv_token_reduction='random' or 'pool' or 'divprune' or "
+                         "'visionzip', but it is None"),
     ({"keep_ratio": 0.5}, "keep_ratio: an option of proxyv_token_reduction="),
     ({"proxyv_token_reduction": "pool", "random_seed": 2}, "random_seed: an option of proxyv_token_reduction='random', "
                                                            "but it is 'pool'"),
-    ({"proxyv_token_reduction": "fastv"}, "proxyv_token_reduction='fastv' is not one of 'random', 'pool', 'divprune'"),
+    ({"proxyv_token_reduction": "fastv"}, "proxyv_token_reduction='fastv' is not one of 'random', 'pool', "
+                                          "'divprune', 'visionzip'"),
     ({"proxyv_token_reduction": "pool", "keep_tokens": 0}, "keep_tokens must be an int >= 1"),
     ({"proxyv_token_reduction": "pool", "keep_tokens": 8, "keep_ratio": 0.5}, "both set the budget"),
 ])

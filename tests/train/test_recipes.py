@@ -35,6 +35,7 @@ POLICY_GROUPS = {
     "random": {"connector", "image_newline"},
     "pool": {"connector", "image_newline"},
     "divprune": {"connector", "image_newline"},
+    "visionzip": {"connector", "image_newline"},
     "vica": {"connector"},
     "fastv": {"connector", "image_newline"},
     "pyramiddrop": {"connector", "image_newline"},
@@ -207,7 +208,8 @@ def test_group_table_matches_the_decoders():
         "himix": {},
         "proxyv": {"image_newline": True, "proxyv_proxy_init": "learned", "proxyv_start_layer": 1,
                    "proxyv_reduce_factor": 2},
-        **{name: {"image_newline": True} for name in ("random", "pool", "divprune", "fastv", "pyramiddrop")},
+        **{name: {"image_newline": True} for name in ("random", "pool", "divprune", "visionzip", "fastv",
+                                                                  "pyramiddrop")},
         "vica": {},
     }
     assert set(POLICY_GROUPS) == set(DECODERS)

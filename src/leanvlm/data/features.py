@@ -61,7 +61,8 @@ class FeatureCache:
                 self.index = json.load(f)
         self._hashes: dict[str, str] = {}
 
-    def key(self, image_path: str, layer: int) -> str:
+    def key(self, image_path: str, layer) -> str:
+        """The tensor's name: image hash, signature and feature key (a hidden-state index or an attention key)."""
         if image_path not in self._hashes:  # an image is read and hashed once per cache object
             self._hashes[image_path] = image_hash(image_path)
         return f"{self._hashes[image_path]}-{self.signature}-layer{layer}"
@@ -69,13 +70,13 @@ class FeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
-    def holds(self, image_path: str, layers) -> bool:
-        """Whether the image's features of every one of `layers` are cached."""
-        return all(self.key(image_path, layer) in self for layer in layers)
+    def holds(self, image_path: str, keys) -> bool:
+        """Whether the image's features of every one of `keys` (feature layers, attention keys) are cached."""
+        return all(self.key(image_path, key) in self for key in keys)
 
-    def image_features(self, image_path: str, layers) -> dict[int, torch.Tensor]:
-        """{layer: (n_crops, N, d_v)}: one image's cached features."""
-        return {layer: self.get(self.key(image_path, layer)) for layer in layers}
+    def image_features(self, image_path: str, keys) -> dict:
+        """{key: (n_crops, N, ...)}: one image's cached features."""
+        return {key: self.get(self.key(image_path, key)) for key in keys}
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.index:
@@ -108,26 +109,26 @@ class FeatureCache:
             os.replace(temporary, path)
 
 
-def encode_images_to_cache(vision_model, images, layers: list[int], select: str, image_paths: list[str],
+def encode_images_to_cache(vision_model, images, keys: list, select: str, image_paths: list[str],
                            cache: FeatureCache, batch_size: int = 16, shard_images: int = 256, progress=None,
                            tome_r: int = 0) -> int:
-    """Encode every image not cached yet (all its crops, every layer in `layers`); return how many. `images` is an
+    """Encode every image not cached yet (all its crops, every feature key in `keys`); return how many. `images` is an
     `ImagePreprocessor`; `progress(n)` is called after each batch of n images."""
     from PIL import Image
 
-    todo = sorted({p for p in image_paths if not cache.holds(p, layers)})
+    todo = sorted({p for p in image_paths if not cache.holds(p, keys)})
     pending: dict[str, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         pixels, crops = images.preprocess_images([Image.open(p).convert("RGB") for p in chunk])
         with torch.no_grad():
-            features = encode_features(vision_model, pixels, layers, select, tome_r)
+            features = encode_features(vision_model, pixels, keys, select, tome_r)
         offset = 0
         for path, count in zip(chunk, crops.tolist(), strict=True):
-            for layer in layers:
-                pending[cache.key(path, layer)] = features[layer][offset : offset + count].clone()
+            for key in keys:
+                pending[cache.key(path, key)] = features[key][offset : offset + count].clone()
             offset += count
-        if len(pending) >= shard_images * len(layers):
+        if len(pending) >= shard_images * len(keys):
             cache.add_shard(pending)
             pending = {}
         if progress is not None:
@@ -145,7 +146,7 @@ def _model_encoder(model_dir: str, dtype: torch.dtype) -> tuple:
 
     config = LeanVLMConfig.from_pretrained(model_dir)
     encoder = LeanVLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).vision_model
-    settings = {"layers": config.feature_layers, "select": config.vision_feature_select,
+    settings = {"layers": config.feature_keys, "select": config.vision_feature_select,
                 "max_crops": config.max_crops, "image_grid_pinpoints": config.image_grid_pinpoints,
                 "tome_r": config.tome_r}
     return encoder, LeanVLMProcessor.from_pretrained(model_dir), settings

@@ -70,12 +70,12 @@ class LLaVADataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, processor, template: str = "chat", image_root: str | None = None,
-                 max_length: int = 2048, on_missing_image: str = "error", feature_cache=None, feature_layers=None):
+                 max_length: int = 2048, on_missing_image: str = "error", feature_cache=None, feature_keys=None):
         if on_missing_image not in ("error", "skip"):
             raise ValueError("on_missing_image must be 'error' or 'skip'.")
         self.processor, self.template, self.max_length = processor, template, max_length
         # With a `leanvlm.data.features.FeatureCache`, samples carry cached encoder features instead of images.
-        self.feature_cache, self.feature_layers = feature_cache, feature_layers
+        self.feature_cache, self.feature_keys = feature_cache, feature_keys
         root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
         self.records, self.skipped, self.truncated = [], 0, 0
         for index, record in enumerate(read_records(path)):
@@ -130,7 +130,7 @@ class LLaVADataset(torch.utils.data.Dataset):
             paths = paths[: ids.count(self.processor.image_token_id)]
         if self.feature_cache is not None:
             cache = self.feature_cache
-            features = [cache.image_features(p, self.feature_layers) for p in paths]
+            features = [cache.image_features(p, self.feature_keys) for p in paths]
             return {"input_ids": ids, "labels": labels, "features": features}
         return {"input_ids": ids, "labels": labels, "images": [Image.open(p).convert("RGB") for p in paths]}
 

@@ -17,6 +17,7 @@ from leanvlm.decoders.pyramiddrop import PyramidDropDecoder
 from leanvlm.decoders.random import RandomDecoder
 from leanvlm.decoders.vanilla import VanillaDecoder
 from leanvlm.decoders.vica import ViCADecoder
+from leanvlm.decoders.visionzip import VisionZipDecoder
 
 DECODERS: dict[str, type[DecoderPolicy]] = {
     VanillaDecoder.name: VanillaDecoder,
@@ -25,6 +26,7 @@ DECODERS: dict[str, type[DecoderPolicy]] = {
     RandomDecoder.name: RandomDecoder,
     PoolDecoder.name: PoolDecoder,
     DivPruneDecoder.name: DivPruneDecoder,
+    VisionZipDecoder.name: VisionZipDecoder,
     ViCADecoder.name: ViCADecoder,
     FastVDecoder.name: FastVDecoder,
     PyramidDropDecoder.name: PyramidDropDecoder,

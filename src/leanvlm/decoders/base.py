@@ -14,6 +14,14 @@ from leanvlm.decoders.layer import layer_forward
 IGNORE_INDEX = -100
 
 
+def attention_key(layer: int) -> str:
+    """The feature key of the attention summary of the encoder layer whose output is hidden state `layer`:
+    (n, N, 1 + D), column 0 the attention each token receives, averaged over heads (from the CLS token where the
+    encoder has one, else averaged over every query), columns 1..D its key averaged over heads. Computed by
+    `leanvlm.encoder`, cached and passed around with the hidden states, which are keyed by their int index."""
+    return f"attention{layer}"
+
+
 @dataclass
 class ImageContext:
     """Images already turned into what a decoder consumes, so any number of prompts can reuse them.
@@ -170,6 +178,12 @@ class DecoderPolicy(nn.Module):
     def feature_layers(cls, config) -> list[int]:
         """Vision-encoder hidden-state indices the policy consumes."""
         return [config.vision_feature_layer]
+
+    @classmethod
+    def feature_keys(cls, config) -> list:
+        """Every encoder output the policy reads, as the feature cache keys them: its `feature_layers`, and the
+        `attention_key`s of the layers whose attention it ranks tokens by."""
+        return cls.feature_layers(config)
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: PolicyOptions) -> tuple[dict[str, float], int]:

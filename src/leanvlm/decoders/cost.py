@@ -56,6 +56,7 @@ class PrefillShape:
     text_tokens: int  # m
     crops: int
     full_attention: bool
+    vision_heads: int = 1  # the encoder's attention heads (its keys average over them)
 
 
 def causal_pairs(n: int) -> int:

@@ -135,10 +135,10 @@ class ProxyVOptions(PolicyOptions):
     get a per-layer guided update MLP of width `proxyv_mlp_width` (None = d/4 if d >= 1024 else d/2). Proxies are
     "spatial" (bilinear down-sampling) or "learned" (learnable queries).
 
-    `proxyv_token_reduction` names a token-reduction policy ("random", "pool", "divprune") that first cuts each
-    crop's projected tokens to its budget, set with that policy's own options (`keep_tokens` or `keep_ratio`, and
-    random's `random_seed`); ProxyV then runs over the kept tokens. None keeps every token, and the budget options
-    must then stay unset."""
+    `proxyv_token_reduction` names a token-reduction policy ("random", "pool", "divprune", "visionzip") that first
+    cuts each crop's tokens to its budget, set with that policy's own options (`keep_tokens` or `keep_ratio`,
+    random's `random_seed`, visionzip's `visionzip_contextual`); ProxyV then runs over the kept tokens. None
+    keeps every token, and the budget options must then stay unset."""
 
     proxyv_start_layer: int | None = None
     proxyv_reduce_factor: int = 4
@@ -148,6 +148,7 @@ class ProxyVOptions(PolicyOptions):
     keep_tokens: int = 64
     keep_ratio: float | None = None
     random_seed: int = 0
+    visionzip_contextual: int | None = None
 
     def resolved(self, num_layers: int) -> ProxyVOptions:
         start = num_layers // 2 if self.proxyv_start_layer is None else self.proxyv_start_layer
@@ -204,6 +205,8 @@ class ProxyVDecoder(VanillaDecoder):
         "learned_proxies": Preset({"proxyv_proxy_init": "learned"}),
         "pool_4": Preset({"proxyv_token_reduction": "pool", "keep_tokens": 4}),  # spatial proxies of a 2x2 grid
         "divprune_5": Preset({"proxyv_token_reduction": "divprune", "keep_tokens": 5, "proxyv_proxy_init": "learned"}),
+        "visionzip_6": Preset({"proxyv_token_reduction": "visionzip", "keep_tokens": 6,
+                               "proxyv_proxy_init": "learned"}),
     }
 
     def __init__(self, config, language_model: nn.Module):
@@ -244,8 +247,9 @@ class ProxyVDecoder(VanillaDecoder):
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: ProxyVOptions) -> tuple[dict[str, float], int]:
-        """Vanilla's layers up to s and ProxyV's from s on, over the kept tokens; the connector projects every token,
-        and a token reduction adds what choosing the kept tokens costs."""
+        """Vanilla's layers up to s and ProxyV's from s on, over the kept tokens; the connector projects every token
+        (the kept ones after a reduction of the encoder's features), and a token reduction adds what choosing the
+        kept tokens costs."""
         reduction, kept, selection = options.reduction, shape, {}
         if reduction is not None:
             budget = reduction.options_from(options)
@@ -273,18 +277,29 @@ class ProxyVDecoder(VanillaDecoder):
             if options.proxyv_proxy_init == "learned":
                 cost.add("vision_mlps", (layers - start) * n * per_crop * inner)  # spreading the guide
                 cost.add("proxy_init", n * d * inner + proxies * (n // crops) * (inner + d))  # keys, logits, pooling
-        cost.add("connector", cls.connector_macs(shape))
+        cost.add("connector", cls.connector_macs(kept if reduction and reduction.reduces_encoder_features else shape))
         for part, macs in selection.items():
             cost.add(part, macs)
         return cost.macs, n + m
 
-    def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
-        if self.proxy_init is not None and tokens.shape[1] != self.learned_tokens_per_crop:
+    @classmethod
+    def feature_keys(cls, config) -> list:
+        reduction = cls.options_from(config).reduction
+        return cls.feature_layers(config) if reduction is None else reduction.feature_keys(config)
+
+    def project_images(self, features: dict) -> torch.Tensor:
+        hidden = features[self.feature_layer]  # (n_crops, N, d_v)
+        if self.proxy_init is not None and hidden.shape[1] != self.learned_tokens_per_crop:
             raise ValueError(
                 f"The learned proxies were built for {self.learned_tokens_per_crop} tokens per crop (the encoder's "
-                f"image_size / patch_size squared) but the crops have {tokens.shape[1]}; feed images at the "
+                f"image_size / patch_size squared) but the crops have {hidden.shape[1]}; feed images at the "
                 "encoder's configured size."
             )
+        if self.reduction is not None:
+            hidden = self.reduction.features_to_project(features, self.feature_layer, self.reduction_options)
+        return self.connector(hidden)
+
+    def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
         if self.reduction is None:
             return tokens, grid
         return self.reduction.reduce(tokens, grid, self.reduction_options)

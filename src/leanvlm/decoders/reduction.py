@@ -1,8 +1,10 @@
-"""What the training-free token-reduction policies share (`random`, `pool`, `divprune`): a vanilla (LLaVA) model
-whose projected vision tokens are cut down to a budget per crop before the language model reads them.
+"""What the training-free token-reduction policies share (`random`, `pool`, `divprune`, `visionzip`): a vanilla
+(LLaVA) model whose vision tokens are cut down to a budget per crop before the language model reads them.
 
-The connector still runs on every token, and the reduction runs where images become an `ImageContext`
-(`reduce_tokens`), so cached image contexts and cached encoder features serve these policies as they serve vanilla.
+Most cut the projected tokens (the connector runs on every token); `visionzip` cuts the encoder's features, and the
+connector projects the kept ones. Either way the reduction runs where images become an `ImageContext`
+(`project_images`, `reduce_tokens`), so cached image contexts and cached encoder features serve these policies as
+they serve vanilla.
 The parameters are vanilla's, under the same names: a trained vanilla checkpoint loads into any of them
 (`from_pretrained(path, decoder="pool", keep_tokens=64)`).
 """
@@ -61,13 +63,23 @@ class ReductionDecoder(VanillaDecoder):
     options_are = "a token-reduction option"
     groups = ("connector", "image_newline")
     keeps_patch_grid: ClassVar[bool] = False  # the kept tokens form a grid (spatial ProxyV proxies can pool it)
+    reduces_encoder_features: ClassVar[bool] = False  # cuts the encoder's features, before the connector
 
     def __init__(self, config, language_model: nn.Module):
         super().__init__(config, language_model)
         self.options = self.options_from(config)
 
+    def project_images(self, features: dict) -> torch.Tensor:
+        return self.connector(self.features_to_project(features, self.feature_layer, self.options))
+
     def reduce_tokens(self, tokens: torch.Tensor, grid: tuple[int, int] | None):
         return self.reduce(tokens, grid, self.options)
+
+    @classmethod
+    def features_to_project(cls, features: dict, layer: int, options: ReductionOptions) -> torch.Tensor:
+        """The encoder features (n_crops, N', d_v) the connector projects, of `features` {key: (n_crops, N, ...)}
+        and the feature layer read: every token, unless the policy `reduces_encoder_features`."""
+        return features[layer]
 
     @classmethod
     def reduce(cls, tokens: torch.Tensor, grid: tuple[int, int] | None, options: ReductionOptions):
@@ -96,11 +108,13 @@ class ReductionDecoder(VanillaDecoder):
 
     @classmethod
     def prefill_macs(cls, shape: PrefillShape, options: ReductionOptions) -> tuple[dict[str, float], int]:
-        """Vanilla's layers over the kept tokens; the connector projects every token."""
+        """Vanilla's layers over the kept tokens; the connector projects every token, or the kept ones of a policy
+        that `reduces_encoder_features`."""
         kept = cls.kept_per_crop(shape.vision_tokens // shape.crops, options) * shape.crops
+        kept_shape = dataclasses.replace(shape, vision_tokens=kept)
         cost = LayerCost(shape.llm)
-        cls.dense_layers(cost, dataclasses.replace(shape, vision_tokens=kept), shape.llm.layers, VanillaOptions())
-        cost.add("connector", cls.connector_macs(shape))
+        cls.dense_layers(cost, kept_shape, shape.llm.layers, VanillaOptions())
+        cost.add("connector", cls.connector_macs(kept_shape if cls.reduces_encoder_features else shape))
         for part, macs in cls.selection_macs(shape, options).items():
             cost.add(part, macs)
         return cost.macs, kept + shape.text_tokens

@@ -239,7 +239,7 @@ def score(asked: list[Question], predictions: list[str], metric: str = "exact_ma
 
 def cached_context(model, feature_cache, paths: list[str]):
     """The image context of `paths` from a `FeatureCache` of this model's encoder (the encoder does not run)."""
-    features, crops = stack_features([feature_cache.image_features(p, model.config.feature_layers) for p in paths])
+    features, crops = stack_features([feature_cache.image_features(p, model.config.feature_keys) for p in paths])
     return model.context_from_features(features, crops)
 
 

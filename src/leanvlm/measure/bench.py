@@ -232,7 +232,7 @@ class Workload:
         from leanvlm.vision import encode_features
 
         config = self.models[name].config
-        return encode_features(self.models[name].vision_model, self.pixels, config.feature_layers,
+        return encode_features(self.models[name].vision_model, self.pixels, config.feature_keys,
                                config.vision_feature_select, config.tome_r)
 
     def project(self, name: str):
@@ -344,7 +344,8 @@ def summarize(settings, samples: dict, extra: dict, memory_method: str, configs:
     results = {}
     for name, metrics in samples.items():
         config = configs[name]
-        vision = VisionShape(tokens_per_crop[name], config.vision_config.hidden_size)
+        vision = VisionShape(tokens_per_crop[name], config.vision_config.hidden_size,
+                             config.vision_config.num_attention_heads)
         newlines = settings.crops if config.uses_image_newline else 0
         flops = decoder_flops(LLMShape.from_config(config), vision, settings.text_tokens + newlines, config.decoder,
                               crops=settings.crops, convention=work, **decoder_options(config))

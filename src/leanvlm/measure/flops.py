@@ -33,6 +33,7 @@ from leanvlm.encoder import CLS_FIRST, ENCODER_TYPES
 class VisionShape:
     tokens: int  # per image (one crop)
     width: int
+    heads: int = 1  # attention heads (what VisionZip's key matching costs depends on: width / heads per key)
 
 
 LLM_PRESETS = {
@@ -59,8 +60,9 @@ VISION_CONFIGS = {
     "dinov2-s14-224": ("dinov2", dict(hidden_size=384, mlp_ratio=4, num_hidden_layers=12,
                                       num_attention_heads=6, image_size=224, patch_size=14)),
 }
-VISION_PRESETS = {  # patch tokens per image (CLS dropped) and width
-    name: VisionShape((fields["image_size"] // fields["patch_size"]) ** 2, fields["hidden_size"])
+VISION_PRESETS = {  # patch tokens per image (CLS dropped), width and heads
+    name: VisionShape((fields["image_size"] // fields["patch_size"]) ** 2, fields["hidden_size"],
+                      fields["num_attention_heads"])
     for name, (_, fields) in VISION_CONFIGS.items()
 }
 
@@ -135,7 +137,8 @@ def decoder_flops(
     policy = DECODERS[decoder]
     own = policy.Options(**{name: options[name] for name in option_names(policy) if name in options})
     n = vision.tokens * crops if vision_tokens is None else vision_tokens
-    shape = PrefillShape(llm, vision.width, n, text_tokens, crops, full_attention=conv.attention == "full")
+    shape = PrefillShape(llm, vision.width, n, text_tokens, crops, full_attention=conv.attention == "full",
+                         vision_heads=vision.heads)
     macs, positions = policy.prefill_macs(shape, own.resolved(llm.layers))
     if not conv.connector:
         macs.pop("connector", None)
@@ -297,7 +300,7 @@ def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, ima
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         context = None
         if pixel_values is not None:
-            features = encode_features(model.vision_model, pixel_values, config.feature_layers,
+            features = encode_features(model.vision_model, pixel_values, config.feature_keys,
                                        config.vision_feature_select)
             num_tokens = next(iter(features.values())).shape[1]
             grid = patch_grid(pixel_values, config.vision_config.patch_size, num_tokens)

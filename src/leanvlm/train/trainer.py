@@ -263,7 +263,7 @@ class Trainer:
         recipe = self.recipe
         cache = self.feature_cache = self._feature_cache(model, processor)
         kwargs = dict(image_root=recipe.image_root, max_length=recipe.max_length, feature_cache=cache,
-                      feature_layers=model.config.feature_layers)
+                      feature_keys=model.config.feature_keys)
         stages = [LLaVADataset(stage.data, processor, template=stage.template, **kwargs) for stage in recipe.stages]
         evaluation = None
         if recipe.eval is not None:
@@ -290,9 +290,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             files = [s.data for s in recipe.stages] + ([recipe.eval.data] if recipe.eval else [])
             paths = sorted({p for f in files for p in data_image_paths(f, recipe.image_root)})
-            cached = sum(cache.holds(p, model.config.feature_layers) for p in paths)
+            cached = sum(cache.holds(p, model.config.feature_keys) for p in paths)
             with self._progress("encoding images", len(paths), completed=cached) as advance:
-                encode_images_to_cache(encoder, processor, model.config.feature_layers, select, paths, cache,
+                encode_images_to_cache(encoder, processor, model.config.feature_keys, select, paths, cache,
                                        progress=advance, tome_r=tome_r)
         self.accelerator.wait_for_everyone()
         return FeatureCache(directory, cache.signature)  # re-read the index the main process wrote
