@@ -48,10 +48,11 @@ def listed(items, limit: int) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def short_label(label: str) -> str:
+def short_label(label: str, width: int = 40) -> str:
     """A variant label for a plot axis: lists of evenly spaced layers written as ranges, e.g.
     `vanilla+frozen_vision_layers=[12,13,...,29]` -> `vanilla+frozen_vision_layers=[12..29]`, `[0,4,8,...,28]` ->
-    `[0..28/4]`."""
+    `[0..28/4]`; a label longer than `width` characters breaks before its options' `+` signs, so that it fits
+    beside an axis."""
 
     def compress(match: re.Match) -> str:
         values = [int(v) for v in match.group(1).split(",")]
@@ -61,4 +62,11 @@ def short_label(label: str) -> str:
         step = steps.pop()
         return f"[{values[0]}..{values[-1]}" + ("]" if step == 1 else f"/{step}]")
 
-    return re.sub(r"\[(-?\d+(?:,\s*-?\d+)+)\]", compress, label)
+    lines = [""]
+    for i, part in enumerate(re.sub(r"\[(-?\d+(?:,\s*-?\d+)+)\]", compress, label).split("+")):
+        piece = part if i == 0 else "+" + part
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)

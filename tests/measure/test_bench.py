@@ -93,3 +93,5 @@ def test_plot_labels_write_evenly_spaced_layer_lists_as_ranges():
     assert short_label("himix+himix_layers=[0, 4, 8, 12]") == "himix+himix_layers=[0..12/4]"
     for kept in ("x=[1,2]", "x=[3,1,2]", "x=[1,2,4]", "pool+keep_tokens=16", "x=[5,5,5]"):
         assert short_label(kept) == kept
+    long = "proxyv+proxyv_token_reduction=visionzip+keep_tokens=64+proxyv_proxy_init=learned"
+    assert short_label(long) == "proxyv+proxyv_token_reduction=visionzip\n+keep_tokens=64\n+proxyv_proxy_init=learned"
