@@ -3,7 +3,7 @@ attention, and the greedy tokens, they would have alone."""
 
 import pytest
 import torch
-from tiny import build, left_padded, pixels, prompt
+from tiny import build, left_padded, pixels, prompt, recomputed
 
 from leanvlm import DECODERS
 from leanvlm.generation import SamplingParams, sample
@@ -44,14 +44,11 @@ def prefill(model, batch):
     return cache, out.logits[:, -1]
 
 
-def recomputed(model, row, images, new_tokens):
-    """Next-token logits (V,) of prompt + new tokens, from one forward without a cache; where the tokens a policy
-    drops depend on the forward's last token, from the prompt's prefill alone and one cached block of the new ones."""
-    if not DECODERS[model.config.decoder].ranks_by_last_token:
-        return model(torch.tensor([row + new_tokens]), pixel_values=images).logits[0, -1]
-    cache = model.new_cache()
-    model.prefill(torch.tensor([row]), pixel_values=images, cache=cache)
-    return model(torch.tensor([new_tokens]), cache=cache).logits[0, -1]
+def alone(model, row, images, new_tokens):
+    """Next-token logits (V,) of one request's prompt + new tokens, recomputed on its own (`tiny.recomputed`)."""
+    images = {} if images is None else {"pixel_values": images}
+    return recomputed(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long),
+                      torch.tensor([new_tokens]), **images)[0, -1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +65,7 @@ def test_merged_and_selected_rows_attend_exactly_as_alone(decoder, family):
     first = torch.tensor([40, 41, 42, 43, 44])
     logits = model.decode_step(first, running)
     for b, (row, images) in enumerate(reqs):
-        torch.testing.assert_close(logits[b], recomputed(model, row, images, [40 + b]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits[b], alone(model, row, images, [40 + b]), atol=1e-4, rtol=0)
 
     running.select([2, 0])  # the longest texts and the most vision keys leave, the order changes
     # request 0 now has both the longest text and the most vision keys: the slots nobody uses are gone
@@ -76,7 +73,7 @@ def test_merged_and_selected_rows_attend_exactly_as_alone(decoder, family):
     logits = model.decode_step(torch.tensor([50, 51]), running)
     for b, request in enumerate([2, 0]):
         row, images = reqs[request]
-        expected = recomputed(model, row, images, [40 + request, 50 + b])
+        expected = alone(model, row, images, [40 + request, 50 + b])
         torch.testing.assert_close(logits[b], expected, atol=1e-4, rtol=0)
 
 
@@ -133,7 +130,7 @@ def test_a_cache_emptied_by_select_takes_new_rows():
     cache.merge(joining)
     row, _ = reqs[2]
     torch.testing.assert_close(model.decode_step(torch.tensor([40]), cache)[0],
-                               recomputed(model, row, None, [40]), atol=1e-4, rtol=0)
+                               alone(model, row, None, [40]), atol=1e-4, rtol=0)
 
 
 def test_cache_misuse_is_refused():

@@ -88,18 +88,32 @@ def prompt(model, *pieces) -> list[int]:
 
 
 @torch.no_grad()
+def recomputed(model, ids, mask, new, **images):
+    """Next-token logits (B, n + 1, V) after the prompt and after each token of `new` (B, n), computed without
+    stepping: one forward over prompt + new. Where the tokens a policy drops depend on the forward's last token
+    (`ranks_by_last_token`), that forward would rank by another token; the computation cached decoding continues is
+    then the prompt's prefill followed by one cached block of all of `new`."""
+    from leanvlm.decoders import DECODERS
+
+    if DECODERS[model.config.decoder].ranks_by_last_token:
+        cache = model.new_cache()
+        first = model(ids, mask, cache=cache, **images).logits[:, -1:]
+        return torch.cat([first, model(new, cache=cache).logits], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
+    return model(torch.cat([ids, new], dim=1), full_mask, **images).logits[:, -(new.shape[1] + 1) :]
+
+
+@torch.no_grad()
 def cached_and_recomputed(model, ids, mask, new, **images):
-    """Next-token logits two ways: a cached prefill then one cached step per token of `new` (B, n), and one full
-    forward over prompt + new. Returns (stepped (B, n + 1, V), full (B, n + 1, V), the cache)."""
+    """Next-token logits two ways: a cached prefill then one cached step per token of `new` (B, n), and
+    `recomputed`. Returns (stepped (B, n + 1, V), recomputed (B, n + 1, V), the cache)."""
     from leanvlm import KVCache
 
     cache = KVCache(model.config.text_config.num_hidden_layers)
     steps = [model(ids, mask, cache=cache, **images).logits[:, -1]]
     for t in range(new.shape[1]):
         steps.append(model(new[:, t : t + 1], cache=cache).logits[:, -1])
-    full_mask = torch.cat([mask, torch.ones_like(new, dtype=mask.dtype)], dim=1)
-    full = model(torch.cat([ids, new], dim=1), full_mask, **images).logits[:, -(new.shape[1] + 1) :]
-    return torch.stack(steps, dim=1), full, cache
+    return torch.stack(steps, dim=1), recomputed(model, ids, mask, new, **images), cache
 
 
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
