@@ -101,6 +101,24 @@ def test_compare_reuses_only_a_finished_run_of_the_same_recipe(tmp_path):
     assert finished_run(other) is None  # a different recipe in the same place is trained again
 
 
+def test_compare_scores_a_reused_run_once_per_test_set(tmp_path):
+    from leanvlm.compare import scores_on_test
+
+    calls = []
+
+    def evaluate_now():
+        calls.append(1)
+        return {"accuracy": len(calls) / 10}
+
+    records = [{"id": "q0", "conversations": []}]
+    assert scores_on_test(str(tmp_path), records, False, evaluate_now) == {"accuracy": 0.1}  # a new run: evaluated
+    assert scores_on_test(str(tmp_path), records, True, evaluate_now) == {"accuracy": 0.1}  # reused: read back
+    assert len(calls) == 1
+    other = [{"id": "q1", "conversations": []}]
+    assert scores_on_test(str(tmp_path), other, True, evaluate_now) == {"accuracy": 0.2}  # other questions
+    assert scores_on_test(str(tmp_path), other, False, evaluate_now) == {"accuracy": 0.3}  # trained again
+
+
 def test_demo_recipe_keeps_its_policy_options_for_its_own_decoder_only(tmp_path):
     from leanvlm.config import LeanVLMConfig
     from leanvlm.demo import demo_recipe

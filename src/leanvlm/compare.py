@@ -14,6 +14,9 @@ from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 from leanvlm.stats import mcnemar
 
+EVAL_TOKENS = 8  # tokens generated per test answer, as the demo evaluates
+SCORES_FILE = "test-scores.json"  # a finished run's test scores, so that a later comparison does not re-evaluate
+
 
 def prefill_seconds(models: dict, batch: dict, repeats: int = 5) -> dict[str, float]:
     """Median prefill time per model from an encoded image (the decoder's own work), the models interleaved in a
@@ -53,7 +56,8 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
     directory = os.path.join(out, label.replace("+", "_").replace("=", "").replace("@", "_at_"))
     recipe = demo_recipe(data, directory, decoder, overrides, **options)
     summary = finished_run(recipe)
-    if summary is None:
+    reused = summary is not None
+    if not reused:
         trainer = Trainer(recipe)
         summary = trainer.run()
         model, processor = trainer.model, trainer.processor
@@ -62,7 +66,8 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
         model = LeanVLMForConditionalGeneration.from_pretrained(summary["model"])
         processor = LeanVLMProcessor.from_pretrained(summary["model"])
     model = model.to(torch.bfloat16).eval()
-    scores = evaluate(model, processor, records, image_root=data, batch_size=64, max_new_tokens=8, console=console)
+    scores = scores_on_test(directory, records, reused, lambda: evaluate(
+        model, processor, records, image_root=data, batch_size=64, max_new_tokens=EVAL_TOKENS, console=console))
     text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
                                                 template=processor.template))
     # the crops the processor makes of a test image (ShapesVQA's images are all one size)
@@ -87,6 +92,27 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
         "model": summary["model"],
     }
     return result, model, processor
+
+
+def scores_on_test(directory: str, records: list, reused: bool, evaluate_now) -> dict:
+    """The run's scores on the test `records`: read back from `directory` when the run was reused and scored on
+    exactly these records before, else `evaluate_now()`, saved there for the next comparison."""
+    import hashlib
+    import json
+
+    from leanvlm.reports import write_json
+
+    asked = hashlib.sha256(json.dumps({"records": records, "max_new_tokens": EVAL_TOKENS},
+                                      sort_keys=True).encode()).hexdigest()
+    path = os.path.join(directory, SCORES_FILE)
+    if reused and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("asked") == asked:
+            return saved["scores"]
+    scores = evaluate_now()
+    write_json(path, {"asked": asked, "scores": scores})
+    return scores
 
 
 def finished_run(recipe) -> dict | None:

@@ -451,7 +451,9 @@ class Trainer:
 
         if self.accelerator.is_main_process:
             directory = self.recipe.output_dir
-            canvas = plot_curves(read_log(os.path.join(directory, LOG_FILE)), f"training: {directory}")
+            name = os.path.basename(os.path.normpath(directory))  # the run's name, not where this machine keeps it
+            canvas = plot_curves(read_log(os.path.join(directory, LOG_FILE)),
+                                 f"training: {name} ({self.recipe.model.decoder})")
             canvas.savefig(os.path.join(directory, CURVES_FILE), dpi=110)
 
     def _run_stage(self, index, model, processor, dataset, evaluation, global_step, checkpoint, done):
