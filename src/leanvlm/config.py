@@ -8,7 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from leanvlm.decoders import BASELINE, DECODERS, all_option_names, check_decoder_name, option_names
 from leanvlm.decoders.llm import check_supported_text_config
-from leanvlm.encoder import ENCODER_TYPES, split_feature_keys
+from leanvlm.encoder import ENCODER_TYPES, check_summaries, split_feature_keys
 
 IMAGE_TOKEN = "<image>"
 
@@ -188,17 +188,12 @@ class LeanVLMConfig(PreTrainedConfig):
         """A decoder that ranks tokens by the encoder's attention (visionzip) needs leanvlm's own encoder loop, the
         unmerged tokens, and a feature layer that some encoder layer outputs."""
         summarised = split_feature_keys(self.feature_keys)[1]
-        if not summarised:
-            return
-        what = f"The {self.decoder} decoder ranks tokens by the encoder's attention, so"
-        if self.vision_config.model_type not in ENCODER_TYPES:
-            raise ValueError(f"{what} it needs a {', '.join(ENCODER_TYPES)} encoder, not "
-                             f"{self.vision_config.model_type}.")
-        if self.tome_r:
-            raise ValueError(f"{what} it reads the tokens as the encoder layer saw them; use tome_r=0 with it.")
-        if any(layer % (self.vision_config.num_hidden_layers + 1) == 0 for layer in summarised):
-            raise ValueError(f"{what} its vision_feature_layer must be the output of an encoder layer (1 or more, or "
-                             "negative), not the embeddings (0).")
+        try:
+            check_summaries(self.vision_config.model_type, self.vision_config.num_hidden_layers, summarised,
+                            self.tome_r)
+        except ValueError as error:
+            raise ValueError(f"The {self.decoder} decoder ranks tokens by the encoder's attention "
+                             f"(vision_feature_layer={self.vision_feature_layer}): {error}") from None
 
     def _validate_policy_options(self) -> None:
         """Options of other policies only must stay at their defaults (one option may belong to several policies,

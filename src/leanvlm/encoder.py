@@ -58,6 +58,21 @@ def split_feature_keys(keys) -> tuple[list[int], list[int]]:
     return states, summaries
 
 
+def check_summaries(model_type: str, num_layers: int, summaries, merge_per_layer: int) -> None:
+    """Refuse attention summaries (hidden-state indices) that this encoder cannot give: its type runs its own HF
+    forward, a summary of the embeddings (index 0, which no attention layer outputs), or merged tokens."""
+    if not summaries:
+        return
+    if model_type not in ENCODER_TYPES:
+        raise ValueError(f"Attention summaries run in {', '.join(ENCODER_TYPES)} encoders, not {model_type}.")
+    if any(index % (num_layers + 1) == 0 for index in summaries):
+        raise ValueError("An attention summary needs a hidden state that an encoder layer outputs (index 1 or more, "
+                         "or negative), not the embeddings (0).")
+    if merge_per_layer:
+        raise ValueError("An attention summary describes the tokens a layer reads, which token merging changes; use "
+                         "tome_r=0 with it.")
+
+
 def attention_summary(q: torch.Tensor, k: torch.Tensor, cls_first: bool) -> torch.Tensor:
     """q, k (n, heads, S, D) of one layer -> its attention summary (n, S, 1 + D) (see `attention_key`), in fp32."""
     q, k = q.float(), k.float()
@@ -115,21 +130,17 @@ def run_encoder(
     """
     config = vision_model.config
     if config.model_type not in ENCODER_TYPES:  # any other encoder: its own forward, every layer
-        if merge_per_layer or summaries:
-            raise ValueError(f"Token merging and attention summaries run in {', '.join(ENCODER_TYPES)} encoders, "
-                             f"not {config.model_type}.")
+        if merge_per_layer:
+            raise ValueError(f"Token merging runs in {', '.join(ENCODER_TYPES)} encoders, not "
+                             f"{config.model_type}.")
+        check_summaries(config.model_type, config.num_hidden_layers, summaries, merge_per_layer)
         hidden_states = vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         return {index: hidden_states[index] for index in states}
     layers = layer_modules(vision_model)
     depth = layers_needed(len(layers), [*states, *summaries])
+    check_summaries(config.model_type, len(layers), summaries, merge_per_layer)
     states_count = len(layers) + 1
     summarised = {index % states_count for index in summaries}
-    if 0 in summarised:
-        raise ValueError("Hidden state 0 is the embeddings, which no attention layer outputs; an attention summary "
-                         "needs a hidden state of index 1 or more.")
-    if summarised and merge_per_layer:
-        raise ValueError("Attention summaries describe the tokens a layer reads, which token merging changes; use "
-                         "them with tome_r=0.")
     hidden = embed(vision_model, pixel_values)
     sizes = None  # patches per token, once tokens have merged
     outputs = {0: hidden}
