@@ -1,6 +1,7 @@
 """The main job end to end on the real packaged parts, shrunk to a few steps, and the compare report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,10 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
+def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path):
     from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
+    from leanvlm.hub import cache_dir
 
-    monkeypatch.setenv("LEANVLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--train", "16", "--val", "4", "--test", "7",
                                       "stages.0.steps=2", "eval.max_samples=4"])
@@ -42,7 +43,8 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path, monkeypatch):
     assert model.config.decoder == "himix" and model.config.text_config.num_hidden_layers == 30
     assert LeanVLMProcessor.from_pretrained(report["model"]).template == "plain"
     # the same command again reuses the generated data and the converted parts
-    assert (tmp_path / "cache" / "shapesvqa").is_dir() and (tmp_path / "cache" / "smollm2-135m").is_dir()
+    cache = Path(cache_dir())
+    assert (cache / "shapesvqa" / "seed0-train16-val4-test7").is_dir() and (cache / "smollm2-135m").is_dir()
 
 
 def test_compare_report_and_variants(tmp_path):

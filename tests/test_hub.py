@@ -12,13 +12,6 @@ from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
 from leanvlm.hub import packaged_file, pretrained_part
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LEANVLM_CACHE", str(tmp_path_factory.mktemp("leanvlm-cache")))
-        yield
-
-
 def real_images():
     import matplotlib.cbook
 

@@ -150,6 +150,12 @@ def test_resumed_run_reproduces_the_uninterrupted_one(parts, tmp_path, lora):
     full = recipe_from_dict(recipe_dict(parts, tmp_path / "full", lora=lora))
     Trainer(full, progress=False).run()
     expected_log, expected = log_of(tmp_path / "full"), weights(tmp_path / "full")
+    # A checkpoint stores what the stages so far train (the frozen encoder and, in stage 1, the LLM are rebuilt)
+    stored = {step: load_file(tmp_path / "full" / "checkpoints" / f"step-{step:07d}" / "model.safetensors").keys()
+              for step in (2, 4)}
+    assert stored[2] and all(key.startswith("decoder.") for key in stored[2])
+    assert not any(key.startswith("vision_model.") for key in stored[4])
+    assert sum(key.startswith("language_model.") for key in stored[4]) > 0
 
     # Resume from a checkpoint inside stage 1 and from one inside stage 2 (LoRA adapters live in that checkpoint).
     for step in (2, 4):
@@ -171,6 +177,17 @@ def test_resumed_run_reproduces_the_uninterrupted_one(parts, tmp_path, lora):
             torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)
     if lora:  # adapters merged away: a plain checkpoint whose LLM weights moved
         assert not any("lora_" in key for key in expected)
+
+
+def test_a_checkpoint_that_lacks_what_the_recipe_trained_is_refused(parts, tmp_path):
+    out = tmp_path / "run"
+    Trainer(recipe_from_dict(recipe_dict(parts, out)), progress=False).run()
+    first_stage = out / "checkpoints" / "step-0000003"  # the LLM frozen there: its weights were left out
+    changed = recipe_dict(parts, out)
+    changed["stages"][0]["train"] = ["new", "language_model"]
+    changed["stages"][0]["lr"]["language_model"] = 1e-4
+    with pytest.raises(ValueError, match=r"lacks .* trained parameter.*resume with the recipe that wrote it"):
+        Trainer(recipe_from_dict(changed), progress=False).run(resume=str(first_stage))
 
 
 def test_resume_needs_a_checkpoint(parts, tmp_path):

@@ -1,9 +1,10 @@
 """Staged training on accelerate: each recipe stage trains chosen parameter groups (optionally the LLM through LoRA)
 with AdamW, per-group learning rates, a cosine schedule with warm-up, gradient accumulation and mixed precision.
 
-The data order is a pure function of (seed, stage, step), checkpoints hold the model, optimizer, scheduler and RNG
-states, and the loss of every optimizer step is normalised by the scored tokens of the whole global batch, so a run
-resumed from a checkpoint, or spread over several processes, reproduces a single uninterrupted run.
+The data order is a pure function of (seed, stage, step), checkpoints hold the parameters the stages so far can have
+changed (the rest is what the recipe builds again), the optimizer, scheduler and RNG states, and the loss of every
+optimizer step is normalised by the scored tokens of the whole global batch, so a run resumed from a checkpoint, or
+spread over several processes, reproduces a single uninterrupted run.
 """
 
 from __future__ import annotations
@@ -139,6 +140,29 @@ def optimizer_groups(model, stage: StageSpec) -> list[dict]:
     return result
 
 
+def changed_parameters(model, stages: list[StageSpec]) -> set[int]:
+    """Ids of the parameters that `stages` (those run so far) can have changed: their trained groups, the whole
+    language model once a stage trains LoRA adapters on it (merged into its weights at the stage's end), and what
+    trains now (the running stage's adapters). Every other parameter is what `build_model(recipe)` gives again."""
+    groups = model.parameter_groups()
+    changed = {id(p) for p in model.parameters() if p.requires_grad}
+    for stage in stages:
+        for group in [*expand_groups(model, stage.train), *(["language_model"] if stage.lora is not None else [])]:
+            changed.update(id(p) for p in groups[group])
+    return changed
+
+
+def checkpoint_weight_names(model, stages: list[StageSpec]) -> tuple[set[str], list[list[str]]]:
+    """What a checkpoint taken during the last of `stages` stores: (the names of unchanged parameters, left out;
+    the names of each changed parameter, one of which must be in it: tied parameters are stored once)."""
+    changed = changed_parameters(model, stages)
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    left_out = {name for key, aliases in names.items() if key not in changed for name in aliases}
+    return left_out, [aliases for key, aliases in names.items() if key in changed]
+
+
 def sample_order(num_samples: int, needed: int, seed: int, stage: int, lengths=None, batch_size: int = 1):
     """The first `needed` sample indices of a stage: one seeded permutation per epoch (length-grouped when lengths
     are given)."""
@@ -239,6 +263,24 @@ def check_checkpoint_files(checkpoint: str) -> None:
                                  "from another checkpoint or restore the file.") from exc
 
 
+def check_checkpoint_weights(checkpoint: str, model, stages: list[StageSpec]) -> None:
+    """The checkpoint stores every parameter the stages up to its own can have changed (see `changed_parameters`)."""
+    from safetensors import safe_open
+
+    stored = set()
+    for name in os.listdir(checkpoint):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(checkpoint, name), framework="pt") as f:
+                stored.update(key.removeprefix("module.") for key in f.keys())  # noqa: SIM118 (not a dict)
+    if not stored:
+        return  # sharded (FSDP) checkpoints keep their weights in a folder of their own
+    _, needed = checkpoint_weight_names(model, stages)
+    missing = [aliases[0] for aliases in needed if not stored.intersection(aliases)]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {len(missing)} trained parameter(s) ({', '.join(missing[:3])}...): it "
+                         "was written by another recipe; resume with the recipe that wrote it.")
+
+
 class Trainer:
     """Runs a recipe. `progress`: show a live display (main process only)."""
 
@@ -337,14 +379,25 @@ class Trainer:
         return [os.path.join(self.checkpoint_root, n) for n in names
                 if os.path.isfile(os.path.join(self.checkpoint_root, n, STATE_FILE))]
 
-    def _save_checkpoint(self, position: Position, global_step: int) -> None:
+    def _save_checkpoint(self, model, position: Position, global_step: int) -> None:
         accelerator = self.accelerator
         final = os.path.join(self.checkpoint_root, f"step-{global_step:07d}")
         temporary = os.path.join(self.checkpoint_root, f".step-{global_step:07d}.tmp")
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(temporary, safe_serialization=True)
+        left_out, _ = checkpoint_weight_names(model, self.recipe.stages[: position.stage + 1])
+
+        def drop_unchanged(_models, weights, _directory):  # a frozen 135M-parameter LLM is 540 MB per checkpoint
+            for state in weights:  # plain state dicts only: FSDP writes its own shards
+                for key in [k for k in state if k.removeprefix("module.") in left_out]:
+                    del state[key]
+
+        hook = accelerator.register_save_state_pre_hook(drop_unchanged)
+        try:
+            accelerator.save_state(temporary, safe_serialization=True)
+        finally:
+            hook.remove()
         accelerator.wait_for_everyone()  # every rank's RNG state is in before the directory moves
         if accelerator.is_main_process:
             with open(os.path.join(temporary, STATE_FILE), "w") as f:
@@ -493,7 +546,8 @@ class Trainer:
                 advance(1, status=step_status(entry))
                 if last or (recipe.save_every and (step + 1) % recipe.save_every == 0):
                     save_started = time.perf_counter()
-                    self._save_checkpoint(Position(index, step + 1), global_step)
+                    self._save_checkpoint(self.accelerator.unwrap_model(run.model), Position(index, step + 1),
+                                          global_step)
                     overhead += time.perf_counter() - save_started
         model = self._end_stage(run)
         seconds = time.perf_counter() - started
@@ -519,7 +573,8 @@ class Trainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(stage.warmup_ratio * steps), steps)
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if checkpoint is not None:
-            accelerator.load_state(checkpoint)
+            check_checkpoint_weights(checkpoint, model, recipe.stages[: index + 1])
+            accelerator.load_state(checkpoint, strict=False)  # it holds only the changed parameters
         lengths = dataset.lengths() if stage.group_by_length else None
         order = sample_order(len(dataset), steps * stage.batch_size * stage.grad_accum, recipe.seed, index, lengths,
                              stage.batch_size)
