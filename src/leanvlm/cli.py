@@ -236,7 +236,7 @@ def demo(
     test_samples: int = typer.Option(DEMO_TEST, "--test", min=7, help="ShapesVQA test questions."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides, e.g. stages.0.steps=300."),
 ) -> None:
-    """The main job: SmolLM2-135M + DINOv2-S -> a ShapesVQA VLM trained on this machine in two stages, its test
+    """The main job: SmolLM2-135M + DINOv2-S -> a ShapesVQA VLM trained on this machine (the recipe's stages), its test
     accuracy per question family, its decoder FLOPs against vanilla, and an answer about a new image."""
     from rich.console import Console
 
@@ -359,6 +359,9 @@ def data_encode(
     model: Path = typer.Option(None, help="A saved leanvlm model: its encoder, feature layers and crop settings.",
                                callback=saved_model),
     layer: list[int] = typer.Option([-2], help="Encoder hidden-state index to keep (repeatable); with --vision."),
+    attention_summary: list[int] = typer.Option(
+        [], help="Hidden-state index whose layer's attention summary to keep, as visionzip reads (repeatable); with "
+                 "--vision."),
     select: str = typer.Option("patch", help="Token selection; with --vision.", **one_of(VISION_FEATURE_SELECTS)),
     max_crops: int = typer.Option(1, min=1, help="Crops per image (AnyRes when > 1); with --vision."),
     tome_r: int = typer.Option(0, min=0, help="ToMe: tokens merged per encoder layer (0 = off); with --vision."),
@@ -381,7 +384,7 @@ def data_encode(
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("encode", total=None)
         report = encode_data([str(f) for f in data], str(out), vision=vision, model=str(model) if model else None,
-                             layers=layer, select=select, max_crops=max_crops, dtype=dtype,
+                             layers=layer, summaries=attention_summary, select=select, max_crops=max_crops, dtype=dtype,
                              image_root=str(image_root) if image_root else None, batch_size=batch_size,
                              tome_r=tome_r,
                              progress=lambda images, total: bar.update(task, advance=images, total=total))

@@ -179,6 +179,35 @@ def test_data_encode_cli_features_serve_a_model_built_from_the_same_encoder(setu
     torch.testing.assert_close(stored, expected, atol=1e-6, rtol=0)
 
 
+@torch.no_grad()
+def test_data_encode_cli_writes_the_attention_summary_visionzip_reads(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from leanvlm import LeanVLMForConditionalGeneration
+    from leanvlm.cli import app
+    from leanvlm.data.features import FeatureCache, model_feature_signature
+
+    trained, _, tokenizer, path = setup
+    encoder_dir = tmp_path / "encoder"
+    trained.vision_model.save_pretrained(encoder_dir)
+    out = tmp_path / "features"
+    result = CliRunner().invoke(app, ["data", "encode", "--data", str(path), "--vision", str(encoder_dir), "--out",
+                                      str(out), "--dtype", "float32", "--attention-summary", "-2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "features.json").read_text())["layers"] == [-2, "attention-2"]
+
+    model = LeanVLMForConditionalGeneration.from_parts(trained.language_model, str(encoder_dir),
+                                                       decoder="visionzip", keep_tokens=5).eval()
+    processor = LeanVLMProcessor.for_model(model, tokenizer)
+    cached = LLaVADataset(str(path), processor, feature_keys=model.config.feature_keys,
+                          feature_cache=FeatureCache(str(out), model_feature_signature(model, processor)))
+    from_pixels, from_cache = Collator(processor)([LLaVADataset(str(path), processor)[1]]), Collator(processor)(
+        [cached[1]])
+    expected = model.encode_images(from_pixels["pixel_values"], from_pixels["image_crops"]).tokens
+    stored = model.context_from_features(from_cache["vision_features"], from_cache["image_crops"]).tokens
+    torch.testing.assert_close(stored, expected, atol=1e-6, rtol=0)
+
+
 def test_data_encode_cli_errors(setup, tmp_path):
     from typer.testing import CliRunner
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from leanvlm.data.llava import data_image_paths
+from leanvlm.decoders.base import attention_key
 from leanvlm.reports import write_json
 from leanvlm.vision import encode_features
 
@@ -152,25 +153,29 @@ def _model_encoder(model_dir: str, dtype: torch.dtype) -> tuple:
     return encoder, LeanVLMProcessor.from_pretrained(model_dir), settings
 
 
-def _vision_encoder(vision: str, dtype: torch.dtype, layers: list[int], select: str, max_crops: int,
-                    tome_r: int) -> tuple:
-    """A packaged or Hugging Face encoder, a preprocessor for its images, and the feature settings given."""
+def _vision_encoder(vision: str, dtype: torch.dtype, layers: list[int], summaries: list[int], select: str,
+                    max_crops: int, tome_r: int) -> tuple:
+    """A packaged or Hugging Face encoder, a preprocessor for its images, and the feature settings given (the
+    hidden states `layers` and the attention summaries of the layers that output `summaries`)."""
     from leanvlm.modeling import load_vision_model
     from leanvlm.processing import ImagePreprocessor, encoder_image_processor
 
     encoder = load_vision_model(vision, dtype)
     images = ImagePreprocessor(encoder_image_processor(encoder), max_crops, None)
-    settings = {"layers": sorted(set(layers)), "select": select, "max_crops": max_crops, "image_grid_pinpoints": None,
+    keys = [*sorted(set(layers)), *(attention_key(index) for index in sorted(set(summaries)))]
+    settings = {"layers": keys, "select": select, "max_crops": max_crops, "image_grid_pinpoints": None,
                 "tome_r": tome_r}
     return encoder, images, settings
 
 
 def encode_data(data_files: list[str], out: str, *, vision: str | None = None, model: str | None = None,
-                layers: list[int] = (-2,), select: str = "patch", max_crops: int = 1, dtype: str = "bfloat16",
-                image_root: str | None = None, batch_size: int = 16, tome_r: int = 0, progress=None) -> dict:
+                layers: list[int] = (-2,), summaries: list[int] = (), select: str = "patch", max_crops: int = 1,
+                dtype: str = "bfloat16", image_root: str | None = None, batch_size: int = 16, tome_r: int = 0,
+                progress=None) -> dict:
     """Encode every image the LLaVA-format `data_files` refer to into the feature cache in `out`, with exactly one
     of: a saved leanvlm `model` (its encoder, feature layers, token selection, merging and crops), or a `vision`
-    encoder (a packaged part or a Hugging Face directory) with `layers`, `select`, `max_crops` and `tome_r`. Images
+    encoder (a packaged part or a Hugging Face directory) with `layers`, the attention `summaries` of hidden states
+    (what visionzip reads, see `attention_key`), `select`, `max_crops` and `tome_r`. Images
     already cached are skipped. Writes `out`/features.json and returns it. `progress(images, total)` says how many
     more are done."""
     import time
@@ -180,7 +185,8 @@ def encode_data(data_files: list[str], out: str, *, vision: str | None = None, m
     if model is not None:
         encoder, images, settings = _model_encoder(model, torch_dtype)
     else:
-        encoder, images, settings = _vision_encoder(vision, torch_dtype, list(layers), select, max_crops, tome_r)
+        encoder, images, settings = _vision_encoder(vision, torch_dtype, list(layers), list(summaries), select,
+                                                    max_crops, tome_r)
     encoder = encoder.to(torch_dtype).eval()
     signature = feature_signature(encoder, settings["select"], images, settings["tome_r"])
     cache = FeatureCache(out, signature)
