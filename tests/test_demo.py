@@ -21,6 +21,7 @@ def fresh_accelerate_state():
 def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path):
     from leanvlm import LeanVLMForConditionalGeneration, LeanVLMProcessor
     from leanvlm.hub import cache_dir
+    from leanvlm.precision import native_bf16
 
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--train", "16", "--val", "4", "--test", "7",
@@ -38,6 +39,8 @@ def test_demo_runs_end_to_end_on_the_packaged_parts(tmp_path):
     assert report["encoder_gflops_per_sample"] == pytest.approx(expected, abs=1e-3)
     assert "+ encoder" in result.output
     assert [stage["name"] for stage in report["stages"]] == ["train"]
+    assert report["precision"] == ("bf16" if native_bf16() else "fp32") and f"computed in {report['precision']}" in \
+        result.output
     assert (out / "new-image.png").is_file() and report["new_question"]["prediction"] is not None
     model = LeanVLMForConditionalGeneration.from_pretrained(report["model"])
     assert model.config.decoder == "himix" and model.config.text_config.num_hidden_layers == 30

@@ -11,7 +11,7 @@ PACKAGE = Path(leanvlm.__file__).parent
 LAYERS = [
     {"decoders"},  # policies, attention, cache, the LLM adapter: never the config
     {"config", "vision", "encoder", "tome", "crops", "processing", "hub", "generation", "modeling", "reports",
-     "stats"},  # the HF-style core
+     "stats", "precision"},  # the HF-style core
     {"data"},
     {"eval"},  # metrics and answering, which training, measuring and serving report with
     {"train", "measure", "inference", "interop"},  # workflows, each its own folder

@@ -365,8 +365,9 @@ def data_encode(
     select: str = typer.Option("patch", help="Token selection; with --vision.", **one_of(VISION_FEATURE_SELECTS)),
     max_crops: int = typer.Option(1, min=1, help="Crops per image (AnyRes when > 1); with --vision."),
     tome_r: int = typer.Option(0, min=0, help="ToMe: tokens merged per encoder layer (0 = off); with --vision."),
-    dtype: str = typer.Option("bfloat16", help="Encoder dtype (the features keep it).",
-                              **one_of(("bfloat16", "float32"))),
+    dtype: str = typer.Option("auto", help="Encoder dtype (the features keep it); auto: bfloat16 where the machine "
+                                           "multiplies it natively, else float32, as training picks.",
+                              **one_of(("auto", "bfloat16", "float32"))),
     image_root: Path = typer.Option(None, help="Directory relative image paths start from (default: the file's)."),
     batch_size: int = typer.Option(16, min=1, help="Images per encoder batch."),
 ) -> None:

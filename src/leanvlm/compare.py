@@ -41,7 +41,6 @@ def prefill_seconds(models: dict, batch: dict, repeats: int = 5) -> dict[str, fl
 def train_variant(out: str, data: str, records: list, label: str, decoder: str, options: dict, overrides: list[str],
                   console) -> tuple[dict, object, object]:
     """Train the demo recipe for one variant and score it on `records`: (result, model, processor)."""
-    import torch
     from PIL import Image
 
     from leanvlm.data.llava import LLaVADataset
@@ -49,6 +48,7 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
     from leanvlm.eval.exact_match import evaluate
     from leanvlm.measure.flops import model_encoder_flops
     from leanvlm.modeling import LeanVLMForConditionalGeneration
+    from leanvlm.precision import AUTO, resolve_dtype
     from leanvlm.processing import LeanVLMProcessor
     from leanvlm.train.trainer import Trainer
 
@@ -65,7 +65,9 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
         console.print(f"reusing the finished run in {directory}")
         model = LeanVLMForConditionalGeneration.from_pretrained(summary["model"])
         processor = LeanVLMProcessor.from_pretrained(summary["model"])
-    model = model.to(torch.bfloat16).eval()
+    # evaluated as it trained (a run finished before the trainer recorded it: as this machine computes fastest)
+    precision = summary.get("mixed_precision")
+    model = model.to(resolve_dtype("bfloat16" if precision == "bf16" else "float32" if precision else AUTO)).eval()
     scores = scores_on_test(directory, records, reused, lambda: evaluate(
         model, processor, records, image_root=data, batch_size=64, max_new_tokens=EVAL_TOKENS, console=console))
     text_tokens = mean_text_tokens(LLaVADataset(os.path.join(data, "test.json"), processor,
@@ -90,6 +92,7 @@ def train_variant(out: str, data: str, records: list, label: str, decoder: str, 
         "train_seconds_per_step": {s["name"]: s["seconds_per_step"] for s in summary["stages"]},
         "train_seconds": round(sum(s["steps"] * s["seconds_per_step"] for s in summary["stages"]), 1),
         "model": summary["model"],
+        "dtype": str(model.dtype).removeprefix("torch."),  # of the evaluation; training autocast to it
     }
     return result, model, processor
 

@@ -167,7 +167,9 @@ def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_V
     with timer.phase("train"):
         trainer = Trainer(recipe)
         summary = trainer.run()
-    model, processor = trainer.model.to(torch.bfloat16).eval(), trainer.processor
+    precision = "bf16" if summary["mixed_precision"] == "bf16" else "fp32"  # the evaluation computes as training did
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, processor = trainer.model.to(dtype).eval(), trainer.processor
     with timer.phase("eval"):
         results = evaluate(model, processor, read_records(os.path.join(data, "test.json")), image_root=data,
                            batch_size=64, max_new_tokens=8, console=console)
@@ -190,6 +192,8 @@ def run_demo(out: str, seed: int = 0, train: int = DEMO_TRAIN, val: int = DEMO_V
         "encoder_gflops_per_sample": round(encoder / 1e9, 3),
         "new_question": question,
         "seconds": {**timer.phases, "total": timer.total()},
+        # the recipe's `auto`: bf16 where the machine multiplies it natively, else fp32; it sets the times above
+        "precision": precision,
         "peak_memory_mib": peak_memory_mib(),
     }
     write_json(os.path.join(out, "demo.json"), report)
@@ -219,6 +223,6 @@ def render(report: dict, console, report_path: str) -> None:
                   f"answer:    {question['prediction']}   (true: {question['answer']})")
     seconds = report["seconds"]
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-                  + f"; peak memory {report['peak_memory_mib']:.0f} MiB")
+                  + f"; peak memory {report['peak_memory_mib']:.0f} MiB; computed in {report['precision']}")
     curves = os.path.join(os.path.dirname(report["model"]), "training.png")
     console.print(f"model saved to {report['model']}; learning curves {curves}; report {report_path}")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from leanvlm.data.llava import data_image_paths
 from leanvlm.decoders.base import attention_key
+from leanvlm.precision import resolve_dtype
 from leanvlm.reports import write_json
 from leanvlm.vision import encode_features
 
@@ -170,7 +171,7 @@ def _vision_encoder(vision: str, dtype: torch.dtype, layers: list[int], summarie
 
 def encode_data(data_files: list[str], out: str, *, vision: str | None = None, model: str | None = None,
                 layers: list[int] = (-2,), summaries: list[int] = (), select: str = "patch", max_crops: int = 1,
-                dtype: str = "bfloat16", image_root: str | None = None, batch_size: int = 16, tome_r: int = 0,
+                dtype: str = "auto", image_root: str | None = None, batch_size: int = 16, tome_r: int = 0,
                 progress=None) -> dict:
     """Encode every image the LLaVA-format `data_files` refer to into the feature cache in `out`, with exactly one
     of: a saved leanvlm `model` (its encoder, feature layers, token selection, merging and crops), or a `vision`
@@ -181,7 +182,8 @@ def encode_data(data_files: list[str], out: str, *, vision: str | None = None, m
     import time
 
     paths = sorted({p for f in data_files for p in data_image_paths(f, image_root)})  # checked before any loading
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = resolve_dtype(dtype)
+    dtype = str(torch_dtype).removeprefix("torch.")
     if model is not None:
         encoder, images, settings = _model_encoder(model, torch_dtype)
     else:

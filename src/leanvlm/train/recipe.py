@@ -68,7 +68,9 @@ class Recipe:
     output_dir: str = "runs/leanvlm"
     model: ModelSpec = field(default_factory=ModelSpec)
     seed: int = 0
-    mixed_precision: str = "bf16"  # no, bf16 or fp16 (autocast; master weights stay fp32)
+    # auto, no, bf16 or fp16 (autocast; master weights stay fp32); auto: bf16 where the machine multiplies it
+    # natively, else fp32 (leanvlm.precision)
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     features: str | None = "auto"  # encoder-feature cache dir; "auto": <output_dir>/features; null: run the encoder
     image_root: str | None = None
@@ -157,8 +159,9 @@ def recipe_from_dict(data: dict, where: str = "recipe", base: str | None = None)
 def check_recipe(recipe: Recipe, where: str) -> None:
     if recipe.mixed_precision is False:  # YAML reads an unquoted `no` as false
         recipe.mixed_precision = "no"
-    if recipe.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"{where}: mixed_precision must be no, bf16 or fp16, got {recipe.mixed_precision!r}.")
+    if recipe.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise ValueError(f"{where}: mixed_precision must be auto, no, bf16 or fp16, got "
+                         f"{recipe.mixed_precision!r}.")
     decoder = recipe.model.decoder
     if decoder not in DECODERS:
         raise ValueError(f"{where}: model.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}.")

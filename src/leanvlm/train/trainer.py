@@ -25,6 +25,7 @@ from accelerate.utils import send_to_device
 from leanvlm.data.llava import Collator, LLaVADataset, data_image_paths
 from leanvlm.decoders.base import IGNORE_INDEX
 from leanvlm.modeling import check_weight_files
+from leanvlm.precision import resolve_mixed_precision
 from leanvlm.train.recipe import NEW, Recipe, StageSpec, recipe_to_dict
 
 STATE_FILE = "trainer_state.json"
@@ -290,12 +291,13 @@ class Trainer:
 
         self.recipe = recipe
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=recipe.mixed_precision,
+            mixed_precision=resolve_mixed_precision(recipe.mixed_precision),
             # Batches are global and split over processes, so the schedule advances once per optimizer step.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             # Stages may leave groups unused in a step (e.g. a text-only batch with proxyv); DDP must tolerate it.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self.mixed_precision = self.accelerator.mixed_precision  # "no", "bf16" or "fp16"
         self.show_progress = progress and self.accelerator.is_main_process
         self.checkpoint_root = os.path.join(recipe.output_dir, "checkpoints")
         self.feature_cache = None
@@ -326,7 +328,7 @@ class Trainer:
             directory = os.path.join(recipe.output_dir, "features")
         # Features in the dtype the decoder computes in: bf16 autocast consumes bf16 features unchanged.
         encoder = copy.deepcopy(model.vision_model).eval()
-        encoder.to(torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32)
+        encoder.to(torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32)
         select, tome_r = model.config.vision_feature_select, model.config.tome_r
         cache = FeatureCache(directory, feature_signature(encoder, select, processor, tome_r))
         if self.accelerator.is_main_process:
@@ -459,7 +461,7 @@ class Trainer:
             with open(os.path.join(recipe.output_dir, "recipe.json"), "w") as f:
                 json.dump(recipe_to_dict(recipe), f, indent=2)
             self._trim_log(start, fresh=checkpoint is None)
-        summary = {"stages": [], "processes": accelerator.num_processes}
+        summary = {"stages": [], "processes": accelerator.num_processes, "mixed_precision": self.mixed_precision}
         done_stages = zip(recipe.stages[: start.stage], datasets[: start.stage], strict=True)
         global_step = sum(stage_steps(stage, len(dataset)) for stage, dataset in done_stages)
         for index in range(start.stage, len(recipe.stages)):
