@@ -33,6 +33,18 @@ def test_auto_resolves_by_the_hardware_and_explicit_values_pass(monkeypatch, nat
 
 
 @pytest.mark.parametrize("native", [True, False])
+def test_bench_and_loadtest_settings_name_the_dtype_auto_resolves_to(monkeypatch, native):
+    from leanvlm.measure.bench import BenchSettings
+    from leanvlm.serve.loadtest import LoadSettings
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device=None: native)
+    expected = "bfloat16" if native else "float32"
+    assert BenchSettings().dtype == LoadSettings().dtype == expected  # auto is the default
+    assert BenchSettings(dtype="float16").dtype == "float16"
+    assert LoadSettings(dtype="float32").dtype == "float32"
+
+
+@pytest.mark.parametrize("native", [True, False])
 def test_the_trainer_computes_and_caches_features_in_the_resolved_precision(monkeypatch, tmp_path, native):
     from accelerate.state import AcceleratorState, PartialState
     from tiny import bpe_tokenizer, text_config, vision_config

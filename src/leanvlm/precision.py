@@ -29,8 +29,13 @@ def resolve_mixed_precision(value: str, device: str | torch.device | None = None
     return "bf16" if native_bf16(device) else "no"
 
 
+def dtype_name(name: str, device: str | torch.device | None = None) -> str:
+    """A dtype's name for this machine: `auto` becomes "bfloat16" where it is native, else "float32"."""
+    if name != AUTO:
+        return name
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
-    """A dtype by name ("bfloat16", "float32", ...); `auto` is bfloat16 where it is native, else float32."""
-    if name == AUTO:
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return getattr(torch, name)
+    """A dtype by name ("bfloat16", "float32", ..., or `auto`, as `dtype_name` resolves it)."""
+    return getattr(torch, dtype_name(name, device))

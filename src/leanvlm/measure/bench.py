@@ -42,6 +42,7 @@ from leanvlm.measure.flops import (
     model_encoder_flops,
     resolve_llm,
 )
+from leanvlm.precision import dtype_name
 from leanvlm.reports import figure, short_label
 from leanvlm.reports import write_report as write_files
 
@@ -55,7 +56,7 @@ class BenchSettings:
     text_tokens: int = 64
     crops: int = 1
     batch: int = 1
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # resolved at once, so reports name the dtype measured
     device: str = "cpu"
     repeats: int = 5
     warmup: int = 1
@@ -64,6 +65,9 @@ class BenchSettings:
     options: dict = field(default_factory=dict)
     train: bool = True
     model: str | None = None  # a saved leanvlm model: its LLM and encoder replace the presets' random ones
+
+    def __post_init__(self):
+        self.dtype = dtype_name(self.dtype, self.device)
 
 
 def machine() -> dict:

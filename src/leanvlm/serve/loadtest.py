@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from leanvlm.decoders import BASELINE, HEADLINE, check_decoder_name
+from leanvlm.precision import dtype_name
 from leanvlm.reports import figure
 from leanvlm.reports import write_report as write_files
 from leanvlm.serve.server import ServerSettings, build_app, running_server
@@ -38,10 +39,13 @@ class LoadSettings:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     max_tokens: list[int] = field(default_factory=lambda: [1, 32])
     images: list[str] = field(default_factory=lambda: ["distinct", "repeated"])
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # resolved at once (for the CPU the server runs on), so reports name the dtype measured
     max_batch_size: int = 16
     time_limit: float = 600.0  # seconds per scenario
     image_size: int = 224  # side of the synthetic test images, in pixels
+
+    def __post_init__(self):
+        self.dtype = dtype_name(self.dtype, "cpu")
 
 
 def test_image(seed: int, size: int) -> bytes:
