@@ -110,14 +110,17 @@ def test_token_merging_by_hand():
     ("himix", "dinov2", {"vision_feature_layer": 2, "tome_r": 3}),
     ("vanilla", "clip", {"tome_r": 5}),
     ("vanilla", "siglip", {"vision_feature_layer": 1}),
+    ("visionzip", "dinov2", {"vision_feature_layer": 1}),  # the CLS row's attention summary
+    ("visionzip", "siglip", {"vision_feature_layer": 2}),  # every row's
 ])
 def test_encoder_flops_equal_the_counted_leanvlm_encoder(decoder, vision, options):
-    """What leanvlm's own encoder forward runs for a model: up to its feature layer, merging tome_r tokens."""
+    """What leanvlm's own encoder forward runs for a model: up to its feature layer, merging tome_r tokens, with
+    the attention summaries token selection reads."""
     from leanvlm.measure.flops import model_encoder_flops
 
     model = build(decoder, vision=vision, **options)
     config, images = model.config, pixels(2)
-    measured = counted(encode_features, model.vision_model, images, config.feature_layers,
+    measured = counted(encode_features, model.vision_model, images, config.feature_keys,
                        config.vision_feature_select, config.tome_r)
     assert model_encoder_flops(config, images.shape[-1], crops=2)["total_flops"] == measured
 

@@ -227,7 +227,7 @@ def resolve_encoder_config(vision):
 
 
 def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_per_layer: int = 0,
-                  image_size: int | None = None) -> dict:
+                  image_size: int | None = None, summaries: int = 0) -> dict:
     """Forward FLOPs of the vision encoder on `crops` crops (one sample's images), FLOPs = 2 x MACs.
 
     vision: a preset (VISION_CONFIGS) or a Hugging Face vision config (see `resolve_encoder_config`).
@@ -238,6 +238,9 @@ def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_pe
     merged away before the MLP; at most half of the mergeable (non-prefix) tokens, as bipartite matching allows.
     The matching's similarity scores are the breakdown's "merge" part (absent when r = 0).
     image_size: pixels per side the encoder is fed (default: the config's image_size).
+    summaries: layers whose attention summary (`leanvlm.encoder.attention_summary`, for token selection) is
+    computed besides: an explicit QK^T of the CLS row, or of every row where the encoder has no CLS token; the
+    breakdown's "summary" part (absent when 0).
     Returns {"total_flops", "breakdown" (all crops), "per_crop_flops", "tokens": {"input", "output", "prefix",
     "patches"} (per crop), "layers", "crops"}.
     """
@@ -252,6 +255,8 @@ def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_pe
     macs = {"patch_embed": shape.patches * shape.patch_inputs * d, "qkvo": 0, "attention": 0, "mlp": 0}
     if merge_per_layer:
         macs["merge"] = 0
+    if summaries:  # all `first` tokens (summaries refuse merging); only CLS-first encoders have a prefix
+        macs["summary"] = summaries * (1 if shape.prefix else first) * first * d
     for _ in range(layers):
         macs["qkvo"] += 4 * tokens * d * d
         macs["attention"] += 2 * tokens * tokens * d  # QK^T and AV, every query against every key
@@ -277,12 +282,14 @@ def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_pe
 
 def model_encoder_flops(model_config, image_size: int, crops: int = 1) -> dict:
     """`encoder_flops` of a leanvlm model's encoder on one sample's `crops` crops of `image_size` pixels, run as the
-    model runs it: up to its deepest feature layer, merging `tome_r` tokens per layer."""
-    from leanvlm.encoder import layers_needed
+    model runs it: up to its deepest feature layer (or attention summary), merging `tome_r` tokens per layer."""
+    from leanvlm.encoder import layers_needed, split_feature_keys
 
     vision = model_config.vision_config
-    layers = layers_needed(vision.num_hidden_layers, model_config.feature_layers)
-    return encoder_flops(vision, crops, layers=layers, merge_per_layer=model_config.tome_r, image_size=image_size)
+    states, summarised = split_feature_keys(model_config.feature_keys)
+    layers = layers_needed(vision.num_hidden_layers, [*states, *summarised])
+    return encoder_flops(vision, crops, layers=layers, merge_per_layer=model_config.tome_r, image_size=image_size,
+                         summaries=len({index % (vision.num_hidden_layers + 1) for index in summarised}))
 
 
 def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, image_crops=None) -> int:
