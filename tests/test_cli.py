@@ -58,7 +58,7 @@ def test_a_bad_input_names_the_problem_and_writes_nothing(tmp_path):
 
 
 def test_choices_come_from_the_registries(tmp_path):
-    from leanvlm.cli import DTYPES
+    from leanvlm.cli import AUTO_DTYPES
     from leanvlm.config import VISION_FEATURE_SELECTS
     from leanvlm.measure.flops import CONVENTIONS
 
@@ -68,7 +68,7 @@ def test_choices_come_from_the_registries(tmp_path):
     for command, choices in [(["demo", *out, "--decoder", "no_such_policy"], leanvlm.DECODERS),
                              ([*flops, "--decoder", "no_such_policy"], leanvlm.DECODERS),
                              ([*flops, "--convention", "no_such_policy"], CONVENTIONS),
-                             (["bench", *out, "--dtype", "no_such_policy"], DTYPES),
+                             (["bench", *out, "--dtype", "no_such_policy"], AUTO_DTYPES),
                              ([*encode, "--select", "no_such_policy"], VISION_FEATURE_SELECTS)]:
         text = message(CliRunner().invoke(app, command))
         assert f"'no_such_policy': choose one of {', '.join(choices)}" in text, command

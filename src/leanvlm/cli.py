@@ -24,6 +24,7 @@ data_app = typer.Typer(help="Make data sets and precompute encoder features.")
 app.add_typer(data_app, name="data")
 
 DTYPES = ("bfloat16", "float16", "float32")  # torch dtypes by name, for weights and features
+AUTO_DTYPES = ("auto", *DTYPES)  # auto: bfloat16 where the device multiplies it natively, else float32
 # What a user can fix from the command line: a bad value, a missing or unreadable file, an uninstalled extra.
 USER_ERRORS = (ValueError, KeyError, IndexError, OSError, ModuleNotFoundError)
 
@@ -187,7 +188,7 @@ def bench(
     crops: int = typer.Option(1, min=1, help="Crops per image."),
     batch: int = typer.Option(1, min=1, help="Samples per batch."),
     dtype: str = typer.Option("auto", help="Weights and activations dtype; auto: bfloat16 where the device "
-                                           "multiplies it natively, else float32.", **one_of(("auto", *DTYPES))),
+                                           "multiplies it natively, else float32.", **one_of(AUTO_DTYPES)),
     device: str = typer.Option("cpu", help="cpu or cuda.", callback=torch_device),
     repeats: int = typer.Option(5, min=1, help="Measured repeats (after warm-up)."),
     warmup: int = typer.Option(1, min=0, help="Warm-up repeats."),
@@ -581,7 +582,7 @@ def loadtest(
     max_tokens: str = typer.Option("1,32", help="Answer lengths in tokens, comma-separated scenarios."),
     images: str = typer.Option("distinct,repeated", help="distinct: a new image per request; repeated: one image."),
     dtype: str = typer.Option("auto", help="auto: bfloat16 where the CPU multiplies it natively, else float32.",
-                              **one_of(("auto", *DTYPES))),
+                              **one_of(AUTO_DTYPES)),
     max_batch_size: int = typer.Option(16, min=1),
     time_limit: float = typer.Option(600, min=1, help="Seconds per scenario; unanswered requests count as failed."),
     out: Path = typer.Option(Path("loadtest"), help="Directory for loadtest.json, .md and .png."),
