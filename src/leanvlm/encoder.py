@@ -73,6 +73,12 @@ def check_summaries(model_type: str, num_layers: int, summaries, merge_per_layer
                          "tome_r=0 with it.")
 
 
+def summarised_layers(num_layers: int, summaries) -> set[int]:
+    """The layers (as the hidden-state index each outputs, 1..num_layers) whose attention summary is computed for
+    the requested summaries, negative indices counted from the end: each layer once, however often it is named."""
+    return {index % (num_layers + 1) for index in summaries}
+
+
 def attention_summary(q: torch.Tensor, k: torch.Tensor, cls_first: bool) -> torch.Tensor:
     """q, k (n, heads, S, D) of one layer -> its attention summary (n, S, 1 + D) (see `attention_key`), in fp32."""
     q, k = q.float(), k.float()
@@ -140,7 +146,7 @@ def run_encoder(
     depth = layers_needed(len(layers), [*states, *summaries])
     check_summaries(config.model_type, len(layers), summaries, merge_per_layer)
     states_count = len(layers) + 1
-    summarised = {index % states_count for index in summaries}
+    summarised = summarised_layers(len(layers), summaries)
     hidden = embed(vision_model, pixel_values)
     sizes = None  # patches per token, once tokens have merged
     outputs = {0: hidden}

@@ -283,13 +283,13 @@ def encoder_flops(vision, crops: int = 1, *, layers: int | None = None, merge_pe
 def model_encoder_flops(model_config, image_size: int, crops: int = 1) -> dict:
     """`encoder_flops` of a leanvlm model's encoder on one sample's `crops` crops of `image_size` pixels, run as the
     model runs it: up to its deepest feature layer (or attention summary), merging `tome_r` tokens per layer."""
-    from leanvlm.encoder import layers_needed, split_feature_keys
+    from leanvlm.encoder import layers_needed, split_feature_keys, summarised_layers
 
     vision = model_config.vision_config
     states, summarised = split_feature_keys(model_config.feature_keys)
     layers = layers_needed(vision.num_hidden_layers, [*states, *summarised])
     return encoder_flops(vision, crops, layers=layers, merge_per_layer=model_config.tome_r, image_size=image_size,
-                         summaries=len({index % (vision.num_hidden_layers + 1) for index in summarised}))
+                         summaries=len(summarised_layers(vision.num_hidden_layers, summarised)))
 
 
 def measured_flops(model, input_ids, attention_mask=None, pixel_values=None, image_crops=None) -> int:
